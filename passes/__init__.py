@@ -1,0 +1,13 @@
+"""snncc's compiler passes, one module each (installed as ``snncc.passes``).
+
+Each pass is a plain function named ``verb_noun`` whose docstring says what it requires and guarantees.
+Their order lives in :func:`snncc.pipeline.compile_graph`.
+"""
+from .hoist_time_invariant import hoist_time_invariant
+from .tag_timesteps import NodeTag, tag_timesteps
+from .batch_over_time import Group, batch_over_time
+from .build_task_graph import build_task_graph
+from .schedule_layer_major import schedule_layer_major
+
+__all__ = ["hoist_time_invariant", "tag_timesteps", "NodeTag", "batch_over_time", "Group",
+           "build_task_graph", "schedule_layer_major"]

@@ -1,0 +1,8 @@
+"""snncc's runtime (installed as ``snncc.runtime``): executes a Schedule on a backend.
+
+``reference`` is plain torch on any device: the oracle for every other backend.
+"""
+from .executor import Executor
+from .reference import neuron_scan
+
+__all__ = ["Executor", "neuron_scan"]

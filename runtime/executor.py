@@ -1,0 +1,220 @@
+"""Executor: runs a Schedule's tasks in order on torch tensors; autograd records them for backward.
+
+Values live in an environment keyed by task name. A time-batched task's value is one tensor ``[K*N, ...]``
+(or, when its steps could not be packed, a list of K values); ``Ref(task, i)`` is a view of step i. A
+``Steps`` argument that is exactly all steps of one batched task is passed without a copy; otherwise the
+steps are concatenated. When packing would change a module's meaning (per-step shapes differ, an unbatched
+input to a conv), the task falls back to running its steps one by one: slower, never wrong.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from snncc.errors import InputError, SNNCCError, TaskFailure
+from snncc.frontend import Traced, reset_module
+from snncc.ir import Ref, Schedule, SliceConst, Steps, Task, TaskGraph
+from .reference import neuron_scan
+
+__all__ = ["Executor"]
+
+
+class _Unpackable(Exception):
+    """Steps of a batched task cannot be packed along dim 0; run them one by one."""
+
+
+def _module_rank(m: nn.Module) -> Optional[int]:
+    """The input rank a 1d/2d/3d conv, pool or norm needs to treat dim 0 as the batch."""
+    name = type(m).__name__
+    for suffix, rank in (("1d", 3), ("2d", 4), ("3d", 5)):
+        if name.endswith(suffix) and not isinstance(m, nn.BatchNorm1d):
+            return rank
+    return None
+
+
+@dataclass
+class _Run:
+    """Per-call state: values, cached step views, neuron states."""
+
+    env: Dict[str, Any]
+    views: Dict[str, Sequence[Any]]
+    states: Dict[str, Tuple[torch.Tensor, ...]]
+
+
+class Executor:
+    """Executes one specialization (a TaskGraph and its Schedule) of a traced model."""
+
+    def __init__(self, traced: Traced, tg: TaskGraph, schedule: Schedule) -> None:
+        self.traced, self.tg = traced, tg
+        self.tasks: List[Task] = [tg.task(n) for n in schedule.order]
+        self.placeholders = [t.name for t in sorted((t for t in self.tasks if t.kind == "placeholder"),
+                                                    key=lambda t: t.order)]
+        self.last_chunk: Dict[str, str] = {}
+        for t in self.tasks:
+            if t.kind == "neuron":
+                self.last_chunk[t.target] = t.name
+        self.modules: Dict[str, nn.Module] = {t.target: traced.root.get_submodule(t.target)
+                                              for t in self.tasks if t.kind in ("module", "neuron", "opaque")}
+        self.handlers: Dict[str, Callable[[Task, _Run], Any]] = {
+            "placeholder": self._placeholder, "get_attr": self._get_attr, "module": self._module,
+            "function": self._function, "method": self._method, "neuron": self._neuron,
+            "opaque": self._opaque, "output": self._output}
+
+    # ----------------------------------------------------------------- values
+    def _view(self, run: _Run, ref: Ref) -> Any:
+        val = run.env[ref.task]
+        if ref.step is None:
+            return val
+        views = run.views.get(ref.task)
+        if views is None:
+            k = len(self.tg.task(ref.task).nodes)
+            views = val if isinstance(val, list) else val.chunk(k)
+            run.views[ref.task] = views
+        return views[ref.step]
+
+    def _whole(self, run: _Run, refs: Tuple[Ref, ...]) -> Optional[torch.Tensor]:
+        """The packed tensor of a batched task when ``refs`` are exactly its steps in order."""
+        src = refs[0].task
+        val = run.env.get(src)
+        if isinstance(val, torch.Tensor) and len(refs) == len(self.tg.task(src).nodes) and \
+                all(r.task == src and r.step == i for i, r in enumerate(refs)):
+            return val
+        return None
+
+    def _packed(self, run: _Run, steps: Steps) -> torch.Tensor:
+        whole = self._whole(run, steps.refs)
+        if whole is not None:
+            return whole
+        parts = [self._view(run, r) for r in steps.refs]
+        if not all(isinstance(p, torch.Tensor) and p.dim() >= 1 and p.shape == parts[0].shape for p in parts):
+            raise _Unpackable()
+        return torch.cat(parts)
+
+    def _value(self, run: _Run, a: Any, member: Optional[int] = None) -> Any:
+        if isinstance(a, Ref):
+            return self._view(run, a)
+        if isinstance(a, Steps):
+            return self._view(run, a.refs[member]) if member is not None else self._packed(run, a)
+        if isinstance(a, SliceConst):
+            return slice(self._value(run, a.start, member), self._value(run, a.stop, member),
+                         self._value(run, a.step, member))
+        if isinstance(a, tuple):
+            if a and isinstance(a[0], str) and a[0] == "__list__":
+                return [self._value(run, x, member) for x in a[1:]]
+            return tuple(self._value(run, x, member) for x in a)
+        return a
+
+    def _call(self, task: Task, run: _Run, fn: Callable[..., Any], check: Callable[[Any], bool] = None) -> Any:
+        """Call ``fn`` on the task's arguments, packed over its steps, or step by step if that fails."""
+        kwargs = dict(task.kwargs)
+        if task.batched:
+            try:
+                args = self._value(run, task.args)
+                kw = {k: self._value(run, v) for k, v in kwargs.items()}
+                if check is None or check(args):
+                    return fn(*args, **kw)
+            except _Unpackable:
+                pass
+            return [fn(*self._value(run, task.args, i), **{k: self._value(run, v, i) for k, v in kwargs.items()})
+                    for i in range(len(task.nodes))]
+        return fn(*self._value(run, task.args), **{k: self._value(run, v) for k, v in kwargs.items()})
+
+    # ----------------------------------------------------------------- task kinds
+    def _placeholder(self, task: Task, run: _Run) -> Any:
+        return run.env["__inputs__"][self.placeholders.index(task.name)]
+
+    def _get_attr(self, task: Task, run: _Run) -> Any:
+        obj: Any = self.traced.root
+        for part in task.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def _module(self, task: Task, run: _Run) -> Any:
+        m = self.modules[task.target]
+        if task.batched and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            # NOTE: step mode normalizes each step with its own batch statistics and updates the running
+            # statistics once per step: run the module per step (exactly eager's arithmetic and updates).
+            x = self._value(run, task.args[0])
+            return torch.cat([m(xs) for xs in x.chunk(len(task.nodes))]) if isinstance(x, torch.Tensor) \
+                else self._call(task, run, m)
+        rank = _module_rank(m)
+        return self._call(task, run, m, None if rank is None else
+                          (lambda args: isinstance(args[0], torch.Tensor) and args[0].dim() == rank))
+
+    def _function(self, task: Task, run: _Run) -> Any:
+        if task.target is torch.stack and not task.batched and task.args and \
+                isinstance(task.args[0], tuple) and task.args[0][:1] == ("__list__",) and \
+                dict(task.kwargs).get("dim", task.args[1] if len(task.args) > 1 else 0) == 0:
+            refs = task.args[0][1:]
+            if refs and all(isinstance(r, Ref) for r in refs):
+                whole = self._whole(run, refs)
+                if whole is not None:     # stacking all steps of a batched task: a view, no copy
+                    return whole.view(len(refs), whole.shape[0] // len(refs), *whole.shape[1:])
+        return self._call(task, run, task.target)
+
+    def _method(self, task: Task, run: _Run) -> Any:
+        return self._call(task, run, lambda obj, *a, **k: getattr(obj, task.target)(*a, **k))
+
+    def _opaque(self, task: Task, run: _Run) -> Any:
+        return self._call(task, run, self.modules[task.target])
+
+    def _neuron(self, task: Task, run: _Run) -> Any:
+        binding = self.traced.bindings[task.target]
+        m = self.modules[task.target]
+        K = len(task.nodes)
+        arg = task.args[0]
+        broadcast = not isinstance(arg, Steps)
+        x = self._value(run, arg)
+        if not isinstance(x, torch.Tensor):
+            raise TaskFailure(f"neuron '{task.target}' got a non-tensor input")
+        if broadcast:
+            xs = x
+        else:
+            step_shape = self._view(run, arg.refs[0]).shape
+            xs = x.view(K, *step_shape)
+        params = tuple(getattr(m, n) for n in binding.param_names)
+        spikes, state = neuron_scan(binding.spec, xs, K, broadcast, run.states.get(task.target), params)
+        run.states[task.target] = state
+        if binding.state_attr is not None and self.last_chunk[task.target] == task.name:
+            setattr(m, binding.state_attr, state[0])
+        elif binding.state_attr is None and hasattr(m, "state") and self.last_chunk[task.target] == task.name:
+            m.state = state
+        return spikes.view(K * spikes.shape[1], *spikes.shape[2:]) if spikes.dim() > 1 else spikes
+
+    def _output(self, task: Task, run: _Run) -> Any:
+        return self._value(run, task.args[0])
+
+    # ----------------------------------------------------------------- entry
+    def reset_state(self) -> None:
+        """Every call starts from the reset state (as SpikingJelly's ``functional.reset_net`` does)."""
+        for name, m in self.traced.stateful.items():
+            if name not in self.traced.bindings:
+                reset_module(m)
+
+    def run(self, inputs: Sequence[Any]) -> Any:
+        if len(inputs) != len(self.placeholders):
+            raise InputError(f"compiled model takes {len(self.placeholders)} input(s), got {len(inputs)}")
+        self.reset_state()
+        run = _Run({"__inputs__": tuple(inputs)}, {}, {})
+        for task in self.tasks:
+            try:
+                run.env[task.name] = self.handlers[task.kind](task, run)
+            except SNNCCError:
+                raise
+            except Exception as exc:
+                raise self._failure(task, run, exc) from exc
+        return run.env[self.tg.output]
+
+    def _failure(self, task: Task, run: _Run, exc: BaseException) -> TaskFailure:
+        what = f"module '{task.target}' ({type(self.modules[task.target]).__name__})" \
+            if task.target in self.modules else f"{task.kind} '{getattr(task.target, '__name__', task.target)}'"
+        shapes = [tuple(v.shape) for v in run.env["__inputs__"] if isinstance(v, torch.Tensor)]
+        hint = ""
+        if self.traced.form == "static" and shapes and len(shapes[0]) >= 3:
+            hint = ("\n  If your input already has a time dimension [T, N, ...], compile with "
+                    "snncc.compile(model, sequence=True) instead of T=.")
+        return TaskFailure(f"{what} failed at {task.label} on input shape(s) {shapes}: "
+                           f"{type(exc).__name__}: {exc}{hint}")

@@ -1,0 +1,18 @@
+"""snncc: pip-installable; ``passes/`` and ``runtime/`` install as ``snncc.passes`` and ``snncc.runtime``."""
+from setuptools import setup
+
+setup(
+    name="snncc",
+    version="0.1.0",
+    description="A graph compiler for spiking neural networks in PyTorch step mode",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["snncc", "snncc.passes", "snncc.runtime"],
+    package_dir={"snncc": "snncc", "snncc.passes": "passes", "snncc.runtime": "runtime"},
+    install_requires=["torch>=2.1", "networkx>=3.0", "numpy", "tqdm"],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.2"],
+        "demo": ["scikit-learn>=1.2"],
+    },
+)

@@ -1,0 +1,165 @@
+"""``snncc.compile`` and the drop-in module it returns."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Iterable, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .frontend import is_stateful, reset_module, trace_unrolled
+from .pipeline import Compiled, compile_graph
+from snncc.runtime import Executor
+
+__all__ = ["compile", "CompiledModule", "reset"]
+
+_CACHE_SIZE = 8
+
+
+def _check_T(T: Any) -> int:
+    if isinstance(T, bool) or not isinstance(T, int):
+        raise InputError(f"snncc.compile: T must be a positive int (number of timesteps), got {T!r}")
+    if T < 1:
+        raise InputError(f"snncc.compile: T must be >= 1, got {T}")
+    return T
+
+
+def _signature(args: Tuple[Any, ...], training: bool) -> Tuple[Any, ...]:
+    sig = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a)
+                for a in args)
+    return sig + (training,)
+
+
+class CompiledModule(nn.Module):
+    """A compiled SNN: call it like the model; train it with the same loop and optimizer.
+
+    It shares the model's parameters, buffers and submodules (the same objects: its ``state_dict`` is the
+    model's, ``parameters()`` yields the model's Parameters), follows ``train()``/``eval()`` and ``.to()``,
+    and specializes on the first call for the input's shape/dtype/device (and train/eval), re-specializing
+    when those change.
+    """
+
+    def __init__(self, model: nn.Module, form: str, T: Optional[int],
+                 leaf_modules: Tuple[Type[nn.Module], ...] = (), verify: bool = False) -> None:
+        super().__init__()
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        object.__setattr__(self, "_snncc_model", model)
+        object.__setattr__(self, "_snncc_cache", OrderedDict())
+        self.form, self.T, self.leaf_modules, self.verify = form, T, tuple(leaf_modules), verify
+        self.training = model.training
+
+    @property
+    def model(self) -> nn.Module:
+        """The original (eager) model; it shares every parameter and buffer with this module."""
+        return self._snncc_model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._snncc_model, name)
+
+    def train(self, mode: bool = True) -> "CompiledModule":
+        super().train(mode)
+        self._snncc_model.train(mode)
+        return self
+
+    def _check_inputs(self, args: Tuple[Any, ...]) -> Optional[int]:
+        """Validate the call for the compiled form; returns T for this call (None: the model's own loop)."""
+        if self.form == "loop":
+            return None
+        if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            raise InputError(f"compiled step model takes one tensor input, got {len(args)} argument(s)")
+        x = args[0]
+        if self.form == "sequence":
+            if x.dim() < 2:
+                raise InputError(f"compile(..., sequence=True) expects x_seq of shape [T, N, ...]; got shape "
+                                 f"{tuple(x.shape)}. For a static input fed at every step use compile(model, T=...).")
+            if x.shape[0] < 1:
+                raise InputError("compile(..., sequence=True): the input has T = 0 timesteps")
+            return int(x.shape[0])
+        if x.dim() < 1:
+            raise InputError(f"compiled step model expects an input [N, ...], got a 0-d tensor")
+        return self.T
+
+    def specialize(self, *args: Any) -> Compiled:
+        """Trace and compile for inputs like ``args`` (cached): the graph and schedule ``forward`` runs."""
+        return self._specialization(args)[0]
+
+    def _specialization(self, args: Tuple[Any, ...]) -> Tuple[Compiled, Executor]:
+        T = self._check_inputs(args)
+        key = _signature(args, self.training) + (T,)
+        cache: OrderedDict = self._snncc_cache
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        traced = trace_unrolled(self._snncc_model, self.form, T, self.leaf_modules)
+        if self.form == "loop":
+            _check_loops(traced, self._snncc_model)
+        compiled = compile_graph(traced, verify=self.verify)
+        cache[key] = (compiled, Executor(traced, compiled.task_graph, compiled.schedule))
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+        return cache[key]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            raise InputError(f"compiled models take positional inputs only; got keyword(s) {sorted(kwargs)}")
+        return self._specialization(args)[1].run(args)
+
+    def extra_repr(self) -> str:
+        return f"form={self.form}, T={self.T}"
+
+
+def _check_loops(traced, model: nn.Module) -> None:
+    """A model compiled without T/sequence must loop over time itself."""
+    counts = {}
+    for n in traced.graph.nodes:
+        if n.op == "call_module" and n.target in traced.stateful:
+            counts[n.target] = counts.get(n.target, 0) + 1
+    if counts and max(counts.values()) == 1:
+        raise InputError(
+            f"snncc.compile({type(model).__name__}): this model runs one timestep per call (each of its "
+            f"stateful modules, e.g. '{next(iter(counts))}', is called once). Pass T=<timesteps> for a static "
+            "input fed at every step, or sequence=True for an input of shape [T, N, ...].")
+
+
+def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False,
+            leaf_modules: Iterable[Type[nn.Module]] = (), verify: bool = False) -> CompiledModule:
+    """Compile a spiking model.
+
+    * ``compile(step_model, T=8)``: the model runs one timestep per call; the input ``[N, ...]`` is fed at
+      each of T steps; returns the stacked step outputs ``[T, N, ...]``.
+    * ``compile(step_model, sequence=True)``: input ``[T, N, ...]``, step t gets ``x_seq[t]``; returns
+      ``[T, N, ...]``.
+    * ``compile(model)``: the model loops over time itself (resets, ``for t in range(T)``, stack/mean);
+      inputs and outputs are the model's.
+
+    Each call starts from the reset state. ``leaf_modules``: module classes to run as black boxes, step by
+    step (the way out for code torch.fx cannot trace). ``verify``: check every pass's output.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"snncc.compile expects an nn.Module, got {type(model).__name__}")
+    if T is not None and sequence:
+        raise InputError("snncc.compile: pass either T= (a static input fed at every step) or sequence=True "
+                         "(T read from the input's first dimension), not both")
+    leaf = tuple(leaf_modules)
+    for cls in leaf:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"snncc.compile: leaf_modules must be nn.Module classes, got {cls!r}")
+    if T is not None:
+        return CompiledModule(model, "static", _check_T(T), leaf, verify)
+    if sequence:
+        return CompiledModule(model, "sequence", None, leaf, verify)
+    return CompiledModule(model, "loop", None, leaf, verify)
+
+
+def reset(model: nn.Module) -> nn.Module:
+    """Reset every stateful module of ``model`` (snncc, SpikingJelly and snnTorch neurons); returns it."""
+    for m in model.modules():
+        if m is not model and is_stateful(m):
+            reset_module(m)
+    return model

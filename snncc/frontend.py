@@ -1,0 +1,223 @@
+"""Frontend: trace a step-mode model with torch.fx into one graph unrolled over time.
+
+Neuron modules stay leaves (``call_module`` nodes), so a stateful layer called at T timesteps appears as T
+nodes with one target; the passes read time and state from that. The three entry forms all become the same
+unrolled graph:
+
+* ``T=``: the step model traced inside ``torch.stack([model(x) for _ in range(T)])``;
+* ``sequence=True``: the same with ``model(x_seq[t])``;
+* a model that loops over time itself: its own forward, Python loop unrolled by tracing.
+
+Recognized neurons (snncc's own, SpikingJelly's IF/LIF/ParametricLIF nodes) are mapped to a
+:class:`~snncc.neurons.NeuronSpec`; any other stateful module is kept opaque and called eagerly, in step
+order, after its own reset. ``spikingjelly`` and ``snntorch`` are never imported here: modules are
+recognized by their class's module path.
+"""
+from __future__ import annotations
+
+import linecache
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceFailure
+from .neurons import BaseNeuron, NeuronSpec, spec_from_surrogate
+from .surrogate import SurrogateSpec
+
+__all__ = ["NeuronBinding", "bind_neuron", "is_stateful", "reset_module", "trace_unrolled", "Traced"]
+
+
+@dataclass(frozen=True)
+class NeuronBinding:
+    """How a recognized neuron module maps onto a spec: its spec, learnable tensors, and state attribute."""
+
+    spec: NeuronSpec
+    param_names: Tuple[str, ...]     # attributes of the module passed to neurons.step as params
+    state_attr: Optional[str]        # where the module keeps V (written back after a forward), if any
+
+
+def _class_path(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def _mro_names(m: nn.Module) -> List[str]:
+    return [f"{c.__module__}.{c.__qualname__}" for c in type(m).__mro__]
+
+
+_SJ = "spikingjelly.activation_based."
+_SJ_SURROGATES = {f"{_SJ}surrogate.Sigmoid": "sigmoid", f"{_SJ}surrogate.ATan": "atan",
+                  f"{_SJ}surrogate.Erf": "erf"}
+
+
+def _sj_surrogate(fn: Any) -> SurrogateSpec:
+    """SpikingJelly's Sigmoid/ATan/Erf in spiking mode map to ours (same formulas); others stay opaque."""
+    name = _SJ_SURROGATES.get(_class_path(fn)) if isinstance(fn, nn.Module) else None
+    if name is not None and getattr(fn, "spiking", False):
+        return SurrogateSpec(name, float(fn.alpha))
+    return spec_from_surrogate(fn)
+
+
+def bind_neuron(m: nn.Module) -> Optional[NeuronBinding]:
+    """A spec for ``m`` if snncc knows its dynamics exactly, else None (it will run opaquely)."""
+    if isinstance(m, BaseNeuron):
+        spec = m.spec
+        return NeuronBinding(spec, spec.learnable, None)
+    path = _class_path(m)
+    if not path.startswith(_SJ + "neuron.") or getattr(m, "step_mode", "s") != "s":
+        return None
+    if getattr(m, "store_v_seq", False) or not isinstance(getattr(m, "v_threshold", None), float):
+        return None
+    common = dict(surrogate=_sj_surrogate(m.surrogate_function), v_threshold=m.v_threshold,
+                  v_reset=m.v_reset, detach_reset=m.detach_reset)
+    kind = path[len(_SJ + "neuron."):]
+    if kind == "IFNode":
+        return NeuronBinding(NeuronSpec("if", **common), (), "v")
+    if kind == "LIFNode":
+        return NeuronBinding(NeuronSpec("lif", tau=float(m.tau), decay_input=m.decay_input, **common), (), "v")
+    if kind == "ParametricLIFNode":
+        return NeuronBinding(NeuronSpec("plif", decay_input=m.decay_input, learnable=("w",), **common), ("w",), "v")
+    return None
+
+
+_STATEFUL_BASES = ("spikingjelly.activation_based.base.MemoryModule",
+                   "snntorch._neurons.neurons.SpikingNeuron")
+
+
+def is_stateful(m: nn.Module) -> bool:
+    """Neurons and anything else that keeps state between calls (a ``reset``-able module)."""
+    if isinstance(m, BaseNeuron) or any(n in _STATEFUL_BASES for n in _mro_names(m)):
+        return True
+    return callable(getattr(m, "reset", None)) or callable(getattr(m, "reset_mem", None))
+
+
+def reset_module(m: nn.Module) -> None:
+    """Bring one stateful module back to its initial state, the way its library does."""
+    if callable(getattr(m, "reset", None)):
+        m.reset()
+    elif callable(getattr(m, "reset_mem", None)):
+        m.reset_mem()
+
+
+@dataclass
+class Traced:
+    """The unrolled graph and what the passes need to know about its modules."""
+
+    root: nn.Module                      # resolves call_module / get_attr targets (shares the model's modules)
+    graph: fx.Graph
+    stateful: Dict[str, nn.Module]       # qualname -> stateful module (neurons and opaque state)
+    bindings: Dict[str, NeuronBinding]   # qualname -> spec, for recognized neurons
+    opaque: frozenset                    # qualnames of leaf modules run as black boxes (user's leaf_modules)
+    form: str                            # "static" | "sequence" | "loop"
+
+
+class _Unrolled(nn.Module):
+    """Traces the step model inside the time loop, with the model's own submodules as its children.
+
+    It shares the model's ``_modules``/``_parameters``/``_buffers`` so that qualnames in the graph are the
+    model's own (``net.0``, not ``model.net.0``), and calls ``type(model).forward`` directly so the model
+    itself is not a module call in the trace.
+    """
+
+    def __init__(self, model: nn.Module, T: int, sequence: bool) -> None:
+        super().__init__()
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        object.__setattr__(self, "_snncc_model", model)
+        self._T, self._sequence = T, sequence
+
+    def forward(self, x):
+        step = type(self._snncc_model).forward
+        if self._sequence:
+            return torch.stack([step(self._snncc_model, x[t]) for t in range(self._T)])
+        return torch.stack([step(self._snncc_model, x) for _ in range(self._T)])
+
+
+class _SNNTracer(fx.Tracer):
+    """Keeps neurons, stateful modules and user-declared leaves as leaves; remembers the module stack."""
+
+    def __init__(self, leaf_types: Tuple[Type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+        self._snncc_stack: List[str] = []
+        self.opaque: set = set()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, self.leaf_types):
+            self.opaque.add(qualname)
+            return True
+        if is_stateful(m):
+            return True
+        return super().is_leaf_module(m, qualname) or _is_torch_leaf(m)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
+        self._snncc_stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._snncc_stack.pop()
+
+
+def _is_torch_leaf(m: nn.Module) -> bool:
+    """SpikingJelly's ``layer.Conv2d`` & co. subclass torch's layers: in step mode they are those layers."""
+    if getattr(m, "step_mode", "s") != "s" or isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return False
+    return any(c.__module__.startswith("torch.nn.modules") and c is not nn.Module for c in type(m).__mro__[1:])
+
+
+def _user_frame(tb) -> Optional[traceback.FrameSummary]:
+    """The innermost frame of the user's code (not torch's, not snncc's) in a traceback."""
+    frames = traceback.extract_tb(tb)
+    for fr in reversed(frames):
+        f = fr.filename.replace("\\", "/")
+        if "/torch/" not in f and "/snncc/" not in f and "<" not in f:
+            return fr
+    return frames[-1] if frames else None
+
+
+def _trace_error(model: nn.Module, exc: BaseException, stack: List[str]) -> TraceFailure:
+    fr = _user_frame(exc.__traceback__)
+    where = f"{fr.filename}:{fr.lineno}" if fr else "unknown location"
+    code = (linecache.getline(fr.filename, fr.lineno).strip() if fr else "") or "?"
+    mod = stack[-1] if stack else ""
+    mod_desc = f"module '{mod}' ({type(model.get_submodule(mod)).__name__})" if mod else \
+        f"the model's forward ({type(model).__name__})"
+    return TraceFailure(
+        f"snncc could not trace {mod_desc} at {where}: `{code}`\n  {type(exc).__name__}: {exc}\n"
+        "  torch.fx needs control flow that does not depend on tensor values. Ways out:\n"
+        "  - rewrite the condition with tensor ops (torch.where, masking), or\n"
+        f"  - pass leaf_modules=[{type(model.get_submodule(mod)).__name__ if mod else 'YourModule'}] to snncc.compile "
+        "to run that module as a black box, step by step.")
+
+
+def trace_unrolled(model: nn.Module, form: str, T: Optional[int],
+                   leaf_modules: Iterable[Type[nn.Module]] = ()) -> Traced:
+    """Trace ``model`` into one graph unrolled over time (see the module docstring for the forms)."""
+    leaf_types = tuple(leaf_modules)
+    tracer = _SNNTracer(leaf_types)
+    root: nn.Module = model if form == "loop" else _Unrolled(model, int(T), form == "sequence")
+    try:
+        graph = tracer.trace(root)
+    except TraceFailure:
+        raise
+    except Exception as exc:  # fx raises TraceError, TypeError, AttributeError... all mean "not traceable"
+        raise _trace_error(model, exc, tracer._snncc_stack) from exc
+    stateful: Dict[str, nn.Module] = {}
+    bindings: Dict[str, NeuronBinding] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target in stateful:
+            continue
+        m = root.get_submodule(node.target)
+        if node.target in tracer.opaque and not is_stateful(m):
+            continue
+        if is_stateful(m) or node.target in tracer.opaque:
+            stateful[node.target] = m
+            b = bind_neuron(m)
+            if b is not None and node.target not in tracer.opaque:
+                bindings[node.target] = b
+    return Traced(root, graph, stateful, bindings, frozenset(tracer.opaque), form)

@@ -1,0 +1,142 @@
+"""snncc's IR: tasks over (layer, timestep range), wired in a networkx DAG, and the schedule that runs them.
+
+Everything here is a frozen dataclass of hashable values. A task names the module it runs by qualname (a
+key into the model), never by holding its tensors, so a TaskGraph can be printed, compared, snapshotted and
+visualized without touching weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import networkx as nx
+
+__all__ = ["Ref", "Steps", "SliceConst", "Task", "TaskGraph", "Schedule", "TASK_KINDS", "EDGE_KINDS"]
+
+#: placeholder: a model input; get_attr: a parameter/buffer/constant; module/function/method: one
+#: stateless op (over one step, or over a chunk of steps when ``batched``); neuron: a neuron layer's scan
+#: over a chunk of steps; opaque: a stateful module snncc does not know, called as is for one step;
+#: output: the model's result.
+TASK_KINDS = ("placeholder", "get_attr", "module", "function", "method", "neuron", "opaque", "output")
+#: data: a value flows; state: a stateful layer's chunk follows its previous chunk; order: random-number
+#: draws (and opaque modules) keep eager's program order.
+EDGE_KINDS = ("data", "state", "order")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """The value a task produced; ``step`` selects one timestep of a time-batched task's output."""
+
+    task: str
+    step: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Steps:
+    """One value per timestep, packed along dim 0 (``[K*N, ...]``) for a time-batched task."""
+
+    refs: Tuple[Ref, ...]
+
+
+@dataclass(frozen=True)
+class SliceConst:
+    """A ``slice`` (not hashable before Python 3.12) inside a task's arguments."""
+
+    start: Any
+    stop: Any
+    step: Any
+
+    def to_slice(self) -> slice:
+        return slice(self.start, self.stop, self.step)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of the schedule.
+
+    ``t0``/``t1`` is the timestep range ``[t0, t1)``; both are None for time-invariant work (run once).
+    ``batched`` tasks run ``t1 - t0`` steps at once and produce ``[K*N, ...]``; ``Ref(name, i)`` is step
+    ``t0 + i`` of it. ``target`` is a module qualname (module, neuron, opaque, get_attr), a callable
+    (function) or a method name. ``order`` is the position of its first fx node in program order.
+    """
+
+    name: str
+    kind: str
+    layer: str
+    target: Any
+    args: Tuple[Any, ...] = ()
+    kwargs: Tuple[Tuple[str, Any], ...] = ()
+    t0: Optional[int] = None
+    t1: Optional[int] = None
+    batched: bool = False
+    order: int = 0
+    nodes: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"unknown task kind {self.kind!r}")
+
+    @property
+    def steps(self) -> int:
+        """Number of timesteps this task covers (1 for time-invariant tasks)."""
+        return 1 if self.t0 is None else self.t1 - self.t0
+
+    @property
+    def label(self) -> str:
+        time = "t=*" if self.t0 is None else (f"t={self.t0}" if self.steps == 1 else f"t={self.t0}..{self.t1 - 1}")
+        return f"{self.layer} [{time}]"
+
+
+@dataclass
+class TaskGraph:
+    """Tasks as nodes of a ``networkx.DiGraph``; edges carry ``kind`` in EDGE_KINDS."""
+
+    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    output: Optional[str] = None
+
+    def add_task(self, task: Task) -> None:
+        if task.name in self.graph:
+            raise ValueError(f"duplicate task {task.name}")
+        self.graph.add_node(task.name, task=task)
+
+    def add_edge(self, src: str, dst: str, kind: str) -> None:
+        if kind not in EDGE_KINDS:
+            raise ValueError(f"unknown edge kind {kind!r}")
+        if self.graph.has_edge(src, dst) and self.graph.edges[src, dst]["kind"] != "data":
+            return
+        self.graph.add_edge(src, dst, kind=kind)
+
+    def task(self, name: str) -> Task:
+        return self.graph.nodes[name]["task"]
+
+    def tasks(self) -> Iterator[Task]:
+        for n in self.graph.nodes:
+            yield self.graph.nodes[n]["task"]
+
+    def edges(self, kind: Optional[str] = None) -> Iterator[Tuple[str, str]]:
+        for u, v, k in self.graph.edges(data="kind"):
+            if kind is None or k == kind:
+                yield u, v
+
+    def __len__(self) -> int:
+        return self.graph.number_of_nodes()
+
+    def summary(self) -> Dict[str, int]:
+        """Counts by task kind plus batched tasks and edges: what a pass snapshot records."""
+        out: Dict[str, int] = {}
+        for t in self.tasks():
+            out[t.kind] = out.get(t.kind, 0) + 1
+            if t.batched:
+                out["batched"] = out.get("batched", 0) + 1
+        for kind in EDGE_KINDS:
+            out[f"{kind}_edges"] = sum(1 for _ in self.edges(kind))
+        return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Tasks in execution order, grouped in waves (tasks of one wave do not depend on each other)."""
+
+    order: Tuple[str, ...]
+    waves: Tuple[Tuple[str, ...], ...]
+    policy: str = "layer_major"
