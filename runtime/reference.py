@@ -19,6 +19,7 @@ import torch
 
 from snncc.neurons import NeuronSpec, charge, fire, initial_state, reset, step
 from snncc.surrogate import derivative
+from .cpu import c_scan, supports
 
 __all__ = ["neuron_scan"]
 
@@ -57,28 +58,94 @@ def _lif_charge_grads(spec: NeuronSpec, g_h: torch.Tensor, k: Optional[torch.Ten
     return g_h, g_h - g_h * k
 
 
+def _charge_into(spec: NeuronSpec, x: torch.Tensor, v: torch.Tensor, k: Optional[torch.Tensor],
+                 out: torch.Tensor, tmp: torch.Tensor) -> None:
+    """``out = charge(spec, x, v)`` with the same float operations in the same order, without allocating."""
+    reset0 = spec.v_reset is None or spec.v_reset == 0.0
+    if spec.kind == "if":
+        torch.add(v, x, out=out)
+        return
+    if spec.decay_input:                       # v + (x - v) / tau   or   v + (x - (v - v_r)) / tau
+        if reset0:
+            torch.sub(x, v, out=tmp)
+        else:
+            torch.sub(v, spec.v_reset, out=tmp)
+            torch.sub(x, tmp, out=tmp)
+        if k is None:
+            tmp.div_(spec.tau)
+        else:
+            tmp.mul_(k)
+        torch.add(v, tmp, out=out)
+        return
+    if reset0:                                 # v * (1 - 1/tau) + x   (plif: v * (1 - k) + x)
+        torch.mul(v, (1.0 - 1.0 / spec.tau) if k is None else (1.0 - k), out=tmp)
+        torch.add(tmp, x, out=out)
+        return
+    torch.sub(v, spec.v_reset, out=tmp)        # v - (v - v_r) / tau + x
+    if k is None:
+        tmp.div_(spec.tau)
+    else:
+        tmp.mul_(k)
+    torch.sub(v, tmp, out=tmp)
+    torch.add(tmp, x, out=out)
+
+
+def _empty_steps(x_step: torch.Tensor, K: int) -> torch.Tensor:
+    """``[K, *S]`` buffer laid out like ``x_step`` (channels-last stays channels-last)."""
+    cl = x_step.dim() == 4 and not x_step.is_contiguous() and \
+        x_step.is_contiguous(memory_format=torch.channels_last)
+    flat = torch.empty((K * x_step.shape[0],) + tuple(x_step.shape[1:]), dtype=x_step.dtype,
+                       device=x_step.device, memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return flat.view((K,) + tuple(x_step.shape))
+
+
+def _same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``like``'s strides (a copy only when they differ)."""
+    if t.stride() == like.stride():
+        return t
+    out = torch.empty_like(like)
+    out.copy_(t)
+    return out
+
+
 class _AffineScan(torch.autograd.Function):
-    """IF/LIF/PLIF over K steps. Inputs: x ``[K, M]`` (or ``[M]`` broadcast), v0 ``[M]``, optional w."""
+    """IF/LIF/PLIF over K steps. Inputs: x ``[K, *S]`` (or ``[*S]`` broadcast), v0 ``[*S]``, optional w.
+
+    Forward writes H and spikes into preallocated ``[K, *S]`` buffers with in-place ops (H is kept only
+    when a gradient is needed); values are bit-identical to :func:`snncc.neurons.step`.
+    """
 
     @staticmethod
-    def forward(ctx: Any, spec: NeuronSpec, broadcast: bool, K: int, x: torch.Tensor, v0: torch.Tensor,
-                w: Optional[torch.Tensor]):
-        params = (w,) if w is not None else ()
-        v = v0
-        hs, ss = [], []
+    def forward(ctx: Any, spec: NeuronSpec, broadcast: bool, K: int, need_grad: bool, x: torch.Tensor,
+                v0: torch.Tensor, w: Optional[torch.Tensor]):
+        k = w.sigmoid() if w is not None else None
+        x_step = x if broadcast else x[0]
+        spikes = _empty_steps(x_step, K)
+        h_seq = _empty_steps(x_step, K) if need_grad else None
+        v = torch.empty_like(x_step)
+        v.copy_(v0)
+        tmp = torch.empty_like(x_step)
+        h_buf = torch.empty_like(x_step) if not need_grad else None
+        mask = torch.empty(x_step.shape, dtype=torch.bool, device=x.device)
+        opaque = spec.surrogate.opaque
         for t in range(K):
-            xt = x if broadcast else x[t]
-            h = charge(spec, xt, v, params)
-            s = fire(spec.surrogate, h - spec.v_threshold)
-            v = reset(spec, h, s)
-            hs.append(h)
-            ss.append(s)
-        spikes = torch.stack(ss)
-        h_seq = torch.stack(hs)
+            h = h_seq[t] if need_grad else h_buf
+            _charge_into(spec, x if broadcast else x[t], v, k, h, tmp)
+            if opaque:
+                s = fire(spec.surrogate, h - spec.v_threshold)
+                spikes[t].copy_(s)
+                v = reset(spec, h, s)
+                continue
+            torch.ge(h, spec.v_threshold, out=mask)    # == heaviside(h - v_th): same sign, exactly
+            spikes[t].copy_(mask)
+            if spec.v_reset is None:
+                torch.sub(h, spikes[t], alpha=spec.v_threshold, out=v)
+            else:                                   # (1 - s) h + s v_r with s in {0, 1}
+                v.copy_(h)
+                v.masked_fill_(mask, spec.v_reset)
         ctx.spec, ctx.broadcast, ctx.K = spec, broadcast, K
-        ctx.has_w = w is not None
-        need_x = spec.kind == "plif"
-        ctx.save_for_backward(h_seq, spikes, v0, x if need_x else None, w)
+        if need_grad:
+            ctx.save_for_backward(h_seq, spikes, v0, x if spec.kind == "plif" else None, w)
         return spikes, v
 
     @staticmethod
@@ -86,8 +153,11 @@ class _AffineScan(torch.autograd.Function):
         h_seq, spikes, v0, x, w = ctx.saved_tensors
         spec, K = ctx.spec, ctx.K
         k = w.sigmoid() if w is not None else None
-        g_v = torch.zeros_like(v0) if g_v_last is None else g_v_last
-        g_xs = []
+        # NOTE: elementwise ops on operands of different layouts (NCHW grads, NHWC activations) fall off
+        # torch's vectorized path: bring the incoming gradients to the activations' layout once.
+        g_spikes = _same_layout(g_spikes, h_seq)
+        g_v = torch.zeros_like(h_seq[0]) if g_v_last is None else _same_layout(g_v_last, h_seq[0])
+        g_x_all = torch.zeros_like(h_seq[0]) if ctx.broadcast else torch.empty_like(h_seq)
         g_k = torch.zeros((), dtype=h_seq.dtype, device=h_seq.device) if k is not None else None
         for t in range(K - 1, -1, -1):
             h, s = h_seq[t], spikes[t]
@@ -105,14 +175,12 @@ class _AffineScan(torch.autograd.Function):
                 vr = 0.0 if spec.v_reset is None else spec.v_reset
                 dh_dk = (xt - (v_prev - vr)) if spec.decay_input else -(v_prev - vr)
                 g_k = g_k + (g_h * dh_dk).sum()
-            g_xs.append(g_x)
-        if ctx.broadcast:
-            g_x_all = torch.stack(g_xs).sum(0)
-        else:
-            g_xs.reverse()
-            g_x_all = torch.stack(g_xs)
+            if ctx.broadcast:
+                g_x_all += g_x
+            else:
+                g_x_all[t] = g_x
         g_w = g_k * k * (1.0 - k) if k is not None else None
-        return None, None, None, g_x_all, g_v, g_w
+        return None, None, None, None, g_x_all, g_v, g_w
 
 
 class _GenericScan(torch.autograd.Function):
@@ -168,9 +236,14 @@ def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
     x0 = x if broadcast else x[0]
     if state is None:
         state = initial_state(spec, x0)
+    if supports(spec, x, state[0]):
+        spikes, v = c_scan(spec, x, K, broadcast, state[0])
+        return spikes, (v,)
     if spec.lif_family and (spec.kind != "plif" or len(params) == 1):
         w = params[0] if spec.kind == "plif" else None
-        spikes, v = _AffineScan.apply(spec, broadcast, K, x, state[0], w)
+        need_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, state[0], w))
+        spikes, v = _AffineScan.apply(spec, broadcast, K, need_grad, x, state[0], w)
         return spikes, (v,)
     out = _GenericScan.apply(spec, broadcast, K, len(state), x, *state, *params)
     return out[0], tuple(out[1:])

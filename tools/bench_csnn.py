@@ -1,0 +1,92 @@
+"""Benchmark: seed 001's CSNN (SpikingJelly LIF + Sigmoid surrogate), eager loop vs snncc, on this machine.
+
+Variants are interleaved in one process (eager, snncc, eager, snncc, ...), each timed ``--reps`` times per
+round; medians are reported with their ratio. Measures a training step (forward + backward + Adam) and
+inference (eval, no_grad). Optionally ``--torch-compile`` adds ``torch.compile`` of the eager loop.
+
+    python tools/bench_csnn.py --batch 32 --T 8
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import snncc  # noqa: E402
+from examples.csnn import BasicCSNN  # noqa: E402
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def main(argv: List[str] = None) -> Dict[str, Dict[str, float]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--T", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the eager loop")
+    ap.add_argument("--json", help="write the medians here")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    base = BasicCSNN(T=args.T)
+    variants: Dict[str, nn.Module] = {"eager": copy.deepcopy(base), "snncc": snncc.compile(copy.deepcopy(base))}
+    if args.torch_compile:
+        variants["torch.compile"] = torch.compile(copy.deepcopy(base))
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in variants.items()}
+    times: Dict[str, Dict[str, List[float]]] = {k: {"train": [], "infer": []} for k in variants}
+    for k, m in variants.items():            # warm-up: specialization, compilation, allocator
+        m.train()
+        _train_step(m, opts[k], x, y)
+        _train_step(m, opts[k], x, y)
+        m.eval()
+        with torch.no_grad():
+            m(x)
+            m(x)
+    for _ in range(args.rounds):
+        for k, m in variants.items():
+            m.train()
+            for _ in range(args.reps):
+                times[k]["train"].append(_timed(lambda: _train_step(m, opts[k], x, y)))
+            m.eval()
+            with torch.no_grad():
+                for _ in range(args.reps):
+                    times[k]["infer"].append(_timed(lambda: m(x)))
+    med = {k: {mode: statistics.median(v) for mode, v in d.items()} for k, d in times.items()}
+    print(f"CSNN T={args.T} batch={args.batch} | torch {torch.__version__} | {platform.processor() or platform.machine()}"
+          f" | {torch.get_num_threads()} threads | {datetime.date.today()}")
+    print(f"{'variant':<15}{'train ms':>10}{'infer ms':>10}{'train x':>9}{'infer x':>9}")
+    for k, d in med.items():
+        print(f"{k:<15}{d['train']:>10.1f}{d['infer']:>10.1f}{med['eager']['train'] / d['train']:>9.2f}"
+              f"{med['eager']['infer'] / d['infer']:>9.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"T": args.T, "batch": args.batch, "torch": torch.__version__, "medians_ms": med}, f, indent=1)
+    return med
+
+
+if __name__ == "__main__":
+    main()
