@@ -84,11 +84,12 @@ def build_task_graph(traced: Traced, tags: Dict[str, NodeTag], groups: List[Grou
                          args=args, kwargs=tuple(kwargs[1:]) if kwargs and kwargs[0] == "__dict__" else (),
                          t0=t0, t1=t1, batched=g.kind in ("scan", "batched"),
                          order=tags[first.name].order, nodes=g.nodes))
-        for m in members:
-            for a in m.all_input_nodes:
-                tg.add_edge(owner[a.name], name, "data")
         if first.op == "output":
             tg.output = name
+    # NOTE: edges only once every task exists: a batched group may read a task later in program order.
+    for node in traced.graph.nodes:
+        for a in node.all_input_nodes:
+            tg.add_edge(owner[a.name], owner[node.name], "data")
     prev: Dict[str, str] = {}
     for g in groups:
         if g.target is not None:

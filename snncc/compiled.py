@@ -1,6 +1,7 @@
 """``snncc.compile`` and the drop-in module it returns."""
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Any, Iterable, Optional, Tuple, Type
 
@@ -60,6 +61,8 @@ class CompiledModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name.startswith("_snncc") or name.startswith("__"):   # during copy/unpickling
+                raise
             return getattr(self._snncc_model, name)
 
     def train(self, mode: bool = True) -> "CompiledModule":
@@ -96,7 +99,7 @@ class CompiledModule(nn.Module):
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
-        traced = trace_unrolled(self._snncc_model, self.form, T, self.leaf_modules)
+        traced = trace_unrolled(self._snncc_model, self.form, T, self.leaf_modules, args)
         if self.form == "loop":
             _check_loops(traced, self._snncc_model)
         compiled = compile_graph(traced, verify=self.verify)
@@ -115,16 +118,20 @@ class CompiledModule(nn.Module):
 
 
 def _check_loops(traced, model: nn.Module) -> None:
-    """A model compiled without T/sequence must loop over time itself."""
+    """A model compiled without T/sequence should loop over time itself: warn when it does not.
+
+    Only a warning: a model that loops with T = 1 looks exactly like a step model.
+    """
     counts = {}
     for n in traced.graph.nodes:
         if n.op == "call_module" and n.target in traced.stateful:
             counts[n.target] = counts.get(n.target, 0) + 1
     if counts and max(counts.values()) == 1:
-        raise InputError(
+        warnings.warn(
             f"snncc.compile({type(model).__name__}): this model runs one timestep per call (each of its "
             f"stateful modules, e.g. '{next(iter(counts))}', is called once). Pass T=<timesteps> for a static "
-            "input fed at every step, or sequence=True for an input of shape [T, N, ...].")
+            "input fed at every step, or sequence=True for an input of shape [T, N, ...].", UserWarning,
+            stacklevel=4)
 
 
 def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False,

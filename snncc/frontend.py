@@ -138,6 +138,32 @@ class _Unrolled(nn.Module):
         return torch.stack([step(self._snncc_model, x) for _ in range(self._T)])
 
 
+class _ShapedProxy(fx.Proxy):
+    """A model input whose shape is known: snncc specializes on input shapes, so Python that reads them
+    (``for t in range(x.shape[0])``, ``x.size(0)``) is unrolled with the concrete values."""
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, shape: torch.Size) -> None:
+        super().__init__(node, tracer)
+        self._shape = torch.Size(shape)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._shape
+
+    def size(self, dim: Optional[int] = None) -> Any:
+        return self._shape if dim is None else self._shape[dim]
+
+    def dim(self) -> int:
+        return len(self._shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self._shape)
+
+    def __len__(self) -> int:
+        return self._shape[0]
+
+
 class _SNNTracer(fx.Tracer):
     """Keeps neurons, stateful modules and user-declared leaves as leaves; remembers the module stack."""
 
@@ -146,6 +172,7 @@ class _SNNTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self._snncc_stack: List[str] = []
         self.opaque: set = set()
+        self.example_shapes: List[Optional[torch.Size]] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types):
@@ -159,8 +186,20 @@ class _SNNTracer(fx.Tracer):
         self._snncc_stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if not hasattr(exc, "_snncc_module_stack"):   # innermost module: where the trace failed
+                exc._snncc_module_stack = list(self._snncc_stack)
+            raise
         finally:
             self._snncc_stack.pop()
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *a: Any, **k: Any) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, *a, **k)
+        if kind == "placeholder" and self.example_shapes:
+            shape = self.example_shapes.pop(0)
+            if shape is not None:
+                return _ShapedProxy(proxy.node, proxy.tracer, shape)
+        return proxy
 
 
 def _is_torch_leaf(m: nn.Module) -> bool:
@@ -177,7 +216,7 @@ def _user_frame(tb) -> Optional[traceback.FrameSummary]:
         f = fr.filename.replace("\\", "/")
         if "/torch/" not in f and "/snncc/" not in f and "<" not in f:
             return fr
-    return frames[-1] if frames else None
+    return None
 
 
 def _trace_error(model: nn.Module, exc: BaseException, stack: List[str]) -> TraceFailure:
@@ -196,17 +235,23 @@ def _trace_error(model: nn.Module, exc: BaseException, stack: List[str]) -> Trac
 
 
 def trace_unrolled(model: nn.Module, form: str, T: Optional[int],
-                   leaf_modules: Iterable[Type[nn.Module]] = ()) -> Traced:
-    """Trace ``model`` into one graph unrolled over time (see the module docstring for the forms)."""
+                   leaf_modules: Iterable[Type[nn.Module]] = (),
+                   example_inputs: Tuple[Any, ...] = ()) -> Traced:
+    """Trace ``model`` into one graph unrolled over time (see the module docstring for the forms).
+
+    ``example_inputs`` give a self-looping model's inputs' shapes to the trace (snncc specializes on them).
+    """
     leaf_types = tuple(leaf_modules)
     tracer = _SNNTracer(leaf_types)
+    if form == "loop":
+        tracer.example_shapes = [a.shape if isinstance(a, torch.Tensor) else None for a in example_inputs]
     root: nn.Module = model if form == "loop" else _Unrolled(model, int(T), form == "sequence")
     try:
         graph = tracer.trace(root)
     except TraceFailure:
         raise
     except Exception as exc:  # fx raises TraceError, TypeError, AttributeError... all mean "not traceable"
-        raise _trace_error(model, exc, tracer._snncc_stack) from exc
+        raise _trace_error(model, exc, getattr(exc, "_snncc_module_stack", [])) from exc
     stateful: Dict[str, nn.Module] = {}
     bindings: Dict[str, NeuronBinding] = {}
     for node in graph.nodes:
