@@ -40,9 +40,25 @@ def is_random(node: fx.Node, traced: Traced) -> bool:
     return False
 
 
+def _mutates(node: fx.Node, traced: Traced) -> bool:
+    """Whether the node writes into one of its inputs (in-place method, ``inplace=True``)."""
+    if node.op == "call_method" and str(node.target).endswith("_"):
+        return True
+    if node.op == "call_function" and node.kwargs.get("inplace", False):
+        return True
+    if node.op == "call_module" and node.target not in traced.stateful:
+        return bool(getattr(traced.root.get_submodule(node.target), "inplace", False))
+    return False
+
+
 def is_pure(node: fx.Node, traced: Traced) -> bool:
-    """Whether two calls with the same arguments give the same value and no side effect."""
+    """Whether two calls with the same arguments give the same value and no side effect.
+
+    A value later modified in place is not pure either: merging its copies would share one buffer.
+    """
     if node.op in ("placeholder", "output") or is_random(node, traced):
+        return False
+    if any(_mutates(u, traced) and u.args and u.args[0] is node for u in node.users):
         return False
     if node.op == "call_method" and str(node.target).endswith("_"):
         return False

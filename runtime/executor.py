@@ -200,7 +200,11 @@ class Executor:
         return spikes.view(K * spikes.shape[1], *spikes.shape[2:]) if spikes.dim() > 1 else spikes
 
     def _output(self, task: Task, run: _Run) -> Any:
-        return self._value(run, task.args[0])
+        out = self._value(run, task.args[0])
+        # NOTE: eager returns fresh tensors; a view of a scan's buffer would refuse in-place edits.
+        if isinstance(out, torch.Tensor) and out._base is not None and out.requires_grad:
+            return out.clone()
+        return out
 
     # ----------------------------------------------------------------- entry
     def reset_state(self) -> None:

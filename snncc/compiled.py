@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .frontend import is_stateful, reset_module, trace_unrolled
+from .frontend import bind_neuron, is_stateful, reset_module, trace_unrolled
 from .pipeline import Compiled, compile_graph
 from snncc.runtime import Executor
 
@@ -26,10 +26,23 @@ def _check_T(T: Any) -> int:
     return T
 
 
-def _signature(args: Tuple[Any, ...], training: bool) -> Tuple[Any, ...]:
+def _signature(args: Tuple[Any, ...], model: nn.Module) -> Tuple[Any, ...]:
+    """What a specialization depends on: the inputs' shape/dtype/device and the model's configuration.
+
+    The configuration part (every module's train flag, each neuron's spec, the root's plain attributes such
+    as ``T``) makes a change to the model after the first call re-specialize instead of reusing a stale graph.
+    """
     sig = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a)
                 for a in args)
-    return sig + (training,)
+    config = []
+    for name, m in model.named_modules():
+        config.append(m.training)
+        if name and is_stateful(m):
+            b = bind_neuron(m)
+            config.append((name, None if b is None else b.spec))
+    plain = tuple(sorted((k, v) for k, v in vars(model).items()
+                         if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))))
+    return sig + (tuple(config), plain)
 
 
 class CompiledModule(nn.Module):
@@ -94,7 +107,7 @@ class CompiledModule(nn.Module):
 
     def _specialization(self, args: Tuple[Any, ...]) -> Tuple[Compiled, Executor]:
         T = self._check_inputs(args)
-        key = _signature(args, self.training) + (T,)
+        key = _signature(args, self._snncc_model) + (T,)
         cache: OrderedDict = self._snncc_cache
         if key in cache:
             cache.move_to_end(key)

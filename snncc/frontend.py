@@ -72,9 +72,13 @@ def bind_neuron(m: nn.Module) -> Optional[NeuronBinding]:
         return None
     if getattr(m, "store_v_seq", False) or not isinstance(getattr(m, "v_threshold", None), float):
         return None
-    common = dict(surrogate=_sj_surrogate(m.surrogate_function), v_threshold=m.v_threshold,
-                  v_reset=m.v_reset, detach_reset=m.detach_reset)
     kind = path[len(_SJ + "neuron."):]
+    surrogate = _sj_surrogate(m.surrogate_function)
+    if not m.training and kind in ("IFNode", "LIFNode"):
+        # NOTE: in eval, SpikingJelly's IF/LIF fire with a hard `v >= v_threshold` and ignore the surrogate.
+        surrogate = SurrogateSpec("sigmoid", 4.0)
+    common = dict(surrogate=surrogate, v_threshold=m.v_threshold, v_reset=m.v_reset,
+                  detach_reset=m.detach_reset)
     if kind == "IFNode":
         return NeuronBinding(NeuronSpec("if", **common), (), "v")
     if kind == "LIFNode":

@@ -225,10 +225,6 @@ def test_outputs_of_earlier_calls_are_not_overwritten():
     assert torch.equal(first, kept)
 
 
-@pytest.mark.xfail(reason="BUG: when the model's output is a neuron's stacked spikes, the compiled output is a "
-                          "view of the scan's multi-output autograd Function: an in-place op on it (out.mul_(2)) "
-                          "raises RuntimeError with grad enabled, while eager's torch.stack output allows it",
-                   strict=True, raises=RuntimeError)
 @pytest.mark.parametrize("form", ["static", "sequence"])
 def test_output_can_be_modified_in_place(form):
     class SpikeOut(nn.Module):
@@ -331,14 +327,9 @@ def test_final_membrane_state_matches_eager_spikingjelly(form):
 
 
 # --------------------------------------------------------------------------- stale specializations
-BUG_STALE = pytest.mark.xfail(
-    reason="BUG: a specialization is cached by the inputs' shape/dtype/device and the top-level train flag only; "
-           "changing the model after the first call (a self-looping model's T, a neuron's v_threshold or "
-           "surrogate, one BatchNorm's train/eval mode) silently reuses the stale graph and differs from eager",
-    strict=True, raises=AssertionError)
+# Regression tests: specializations once ignored model changes after the first call (stale graphs).
 
 
-@BUG_STALE
 def test_changing_loop_T_after_first_call():
     """T curricula (e.g. TET-style) change a self-looping model's T between epochs."""
     torch.manual_seed(0)
@@ -351,7 +342,6 @@ def test_changing_loop_T_after_first_call():
     assert torch.equal(cm(x), eager_run(ref, x)), "compiled still runs T=2"
 
 
-@BUG_STALE
 def test_changing_neuron_threshold_after_first_call():
     torch.manual_seed(0)
     model = Net().double()
@@ -364,7 +354,6 @@ def test_changing_neuron_threshold_after_first_call():
     assert torch.allclose(out_c, out_e, rtol=1e-9, atol=1e-12), "compiled still uses v_threshold=1.0"
 
 
-@BUG_STALE
 def test_changing_surrogate_after_first_call():
     """Seed 001 compares surrogates; swapping one on a model after a first call must take effect."""
     torch.manual_seed(0)
@@ -381,7 +370,6 @@ def test_changing_surrogate_after_first_call():
     assert torch.allclose(xc.grad, xe.grad, rtol=1e-7, atol=1e-10), "compiled still uses the ATan surrogate"
 
 
-@BUG_STALE
 def test_unfreezing_batchnorm_after_first_call():
     """First call with a frozen (eval) BatchNorm inside a training model, then unfrozen: T updates per call."""
     torch.manual_seed(0)

@@ -278,13 +278,7 @@ def test_sj_non_spiking_surrogate_train(cls):
 
 @requires_spikingjelly
 @pytest.mark.parametrize("cls", [
-    pytest.param("IFNode", marks=pytest.mark.xfail(
-        reason="BUG: SJ's IFNode/LIFNode eval path (jit_eval_single_step_forward_*) fires with a hard "
-               "(v >= v_th) step whatever the surrogate; snncc runs the opaque Sigmoid(spiking=False) callable "
-               "instead, so eval outputs differ", strict=True, raises=AssertionError)),
-    pytest.param("LIFNode", marks=pytest.mark.xfail(
-        reason="BUG: see IFNode (SJ eval path ignores the surrogate)", strict=True, raises=AssertionError)),
-    "ParametricLIFNode"])
+    "IFNode", "LIFNode", "ParametricLIFNode"])  # regression: SJ's IF/LIF eval path ignores the surrogate
 def test_sj_non_spiking_surrogate_eval(cls):
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert_same_training(lambda: SJNonSpiking(cls), x, T=3, train=False, check_spikes=False)
