@@ -30,7 +30,9 @@ from snncc.neurons import NeuronSpec
 __all__ = ["supports", "c_scan", "kernel_source", "compiler_available", "CACHE_DIR"]
 
 CACHE_DIR = os.environ.get("SNNCC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "snncc", "kernels"))
-_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+# -fno-math-errno lets gcc call glibc's vector exp (libmvec) in the backward loop; it changes no result.
+_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "-fopenmp",
+          "-shared", "-fPIC"]
 _BLOCK = 1024
 _LOCK = threading.Lock()
 _LIBS: Dict[str, Any] = {}
@@ -154,6 +156,7 @@ void scan_bwd(const T* g_spikes, const T* hs, const T* spikes, const T* g_vlast,
       const T* gst = g_spikes + t * M + b;
       const T* ht = hs + t * M + b;
       const T* st = spikes + t * M + b;
+      #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {{
         const T h = ht[i], s = st[i], gs_in = gst[i];
         T gv = gvb[i], gs, gh, gx, d;
@@ -163,7 +166,8 @@ void scan_bwd(const T* g_spikes, const T* hs, const T* spikes, const T* g_vlast,
         gh = gh + gs * d;
         {_charge_grads_c(spec)}
         gvb[i] = gv;
-        if (broadcast) gacc[i] += gx; else g_x[t * M + b + i] = gx;
+        gacc[i] += gx;
+        if (!broadcast) g_x[t * M + b + i] = gx;
       }}
     }}
     for (int64_t i = 0; i < n; ++i) {{ g_v0[b + i] = gvb[i]; if (broadcast) g_x[b + i] = gacc[i]; }}
@@ -236,6 +240,7 @@ class _CScan(torch.autograd.Function):
         lib.scan_fwd(x.data_ptr(), 0 if broadcast else M, v0.data_ptr(), spikes.data_ptr(), _p(hs), v.data_ptr(),
                      K, M, tau, vth, vr, torch.get_num_threads())
         ctx.spec, ctx.broadcast, ctx.K = spec, broadcast, K
+        ctx.set_materialize_grads(False)       # an unused final state needs no zero gradient tensor
         if need_grad:
             ctx.save_for_backward(hs, spikes)
         return spikes, v
@@ -244,7 +249,7 @@ class _CScan(torch.autograd.Function):
     def backward(ctx: Any, g_spikes: torch.Tensor, g_v_last: Optional[torch.Tensor]):
         hs, spikes = ctx.saved_tensors
         spec, K = ctx.spec, ctx.K
-        g_spikes = _dense_like(g_spikes, hs)
+        g_spikes = torch.zeros_like(hs) if g_spikes is None else _dense_like(g_spikes, hs)
         g_v_last = None if g_v_last is None else _dense_like(g_v_last, hs[0])
         g_x = torch.empty_like(hs[0]) if ctx.broadcast else torch.empty_like(hs)
         g_v0 = torch.empty_like(hs[0])
