@@ -252,3 +252,39 @@ def assert_same_training(model_factory: Callable[[], nn.Module], x: Any, *, T: O
     if check_spikes:
         assert_nonvacuous(rec, every_layer=every_layer)
     return {"eager": ref, "compiled": cm, "model": model, "outs": outs, "recorder": rec}
+
+
+# --------------------------------------------------------------------------- seed 001's surrogates
+def seed_surrogate_functions(heaviside: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, type]:
+    """Seed 001's hand-written SuperSpike, Sigmoid' and Esser ``autograd.Function``s, as written there,
+    with the given forward step (the seed's float32 one, or a dtype-preserving one for float64 tests)."""
+
+    class SuperSpikeFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, alpha):
+            if x.requires_grad:
+                ctx.save_for_backward(x)
+                ctx.alpha = alpha
+            return heaviside(x)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            (x,) = ctx.saved_tensors
+            denom = ctx.alpha * x.abs() + 1.0
+            return grad_output * (1.0 / (denom * denom)), None
+
+    class SigmoidDerivativeFunction(SuperSpikeFunction):
+        @staticmethod
+        def backward(ctx, grad_output):
+            (x,) = ctx.saved_tensors
+            s = torch.sigmoid(ctx.alpha * x)
+            return grad_output * s * (1.0 - s), None
+
+    class EsserFunction(SuperSpikeFunction):
+        @staticmethod
+        def backward(ctx, grad_output):
+            (x,) = ctx.saved_tensors
+            return grad_output * torch.clamp(1.0 - ctx.alpha * x.abs(), min=0.0), None
+
+    return {"superspike": SuperSpikeFunction, "sigmoid_derivative": SigmoidDerivativeFunction,
+            "esser": EsserFunction}

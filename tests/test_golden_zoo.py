@@ -16,7 +16,7 @@ from torch import nn
 import snncc
 from snncc import surrogate as sg
 
-from conftest import assert_same_training, eager_run, requires_spikingjelly
+from conftest import assert_same_training, eager_run, requires_spikingjelly, seed_surrogate_functions
 
 
 # --------------------------------------------------------------------------- neurons and surrogates
@@ -37,21 +37,8 @@ def heaviside(x: torch.Tensor) -> torch.Tensor:
     return (x >= 0).to(x.dtype)
 
 
-class SuperSpikeFunction(torch.autograd.Function):
-    """Seed 001's hand-written SuperSpike (dtype-preserving heaviside, so it runs in float64)."""
-
-    @staticmethod
-    def forward(ctx, x, alpha):
-        if x.requires_grad:
-            ctx.save_for_backward(x)
-            ctx.alpha = alpha
-        return heaviside(x)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (x,) = ctx.saved_tensors
-        denom = ctx.alpha * x.abs() + 1.0
-        return grad_output * (1.0 / (denom * denom)), None
+#: Seed 001's hand-written SuperSpike (dtype-preserving heaviside, so it runs in float64).
+SuperSpikeFunction = seed_surrogate_functions(heaviside)["superspike"]
 
 
 class HandSuperSpike(nn.Module):

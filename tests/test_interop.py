@@ -15,7 +15,8 @@ from torch import nn
 
 import snncc
 
-from conftest import assert_same_training, eager_run, requires_snntorch, requires_spikingjelly
+from conftest import (assert_same_training, eager_run, requires_snntorch, requires_spikingjelly,
+                      seed_surrogate_functions)
 
 
 def _img(n: int = 2, c: int = 3, size: int = 32, T: int = None, seed: int = 1, scale: float = 1.0):
@@ -36,46 +37,9 @@ def _heaviside_keep(x: torch.Tensor) -> torch.Tensor:
 def _seed_surrogates(heaviside: Callable[[torch.Tensor], torch.Tensor]):
     """Seed 001's SuperSpike, SigmoidDerivative and Esser, as written there (autograd.Function + Module)."""
 
-    class SuperSpikeFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, alpha):
-            if x.requires_grad:
-                ctx.save_for_backward(x)
-                ctx.alpha = alpha
-            return heaviside(x)
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            (x,) = ctx.saved_tensors
-            denom = ctx.alpha * x.abs() + 1.0
-            return grad_output * (1.0 / (denom * denom)), None
-
-    class SigmoidDerivativeFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, alpha):
-            if x.requires_grad:
-                ctx.save_for_backward(x)
-                ctx.alpha = alpha
-            return heaviside(x)
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            (x,) = ctx.saved_tensors
-            s = torch.sigmoid(ctx.alpha * x)
-            return grad_output * s * (1.0 - s), None
-
-    class EsserFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, alpha):
-            if x.requires_grad:
-                ctx.save_for_backward(x)
-                ctx.alpha = alpha
-            return heaviside(x)
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            (x,) = ctx.saved_tensors
-            return grad_output * torch.clamp(1.0 - ctx.alpha * x.abs(), min=0.0), None
+    fns = seed_surrogate_functions(heaviside)
+    SuperSpikeFunction, SigmoidDerivativeFunction, EsserFunction = \
+        fns["superspike"], fns["sigmoid_derivative"], fns["esser"]
 
     def module(fn, default_alpha):
         class Surrogate(nn.Module):
