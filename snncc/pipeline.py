@@ -7,14 +7,53 @@ tests that check what a pass did).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import networkx as nx
+import torch.fx as fx
 
 from snncc import passes
 from .frontend import Traced
 from .ir import Schedule, TaskGraph
 from .verify import verify_schedule, verify_task_graph
 
-__all__ = ["Compiled", "compile_graph"]
+__all__ = ["Compiled", "Snapshot", "compile_graph"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one pass left behind: its name, counts, and the graph it produced (for snncc-viz and tests).
+
+    ``graph`` is a ``networkx.DiGraph`` whose nodes carry readable attributes: for the fx-level passes one
+    node per fx node (``op``, ``target``, and after tagging ``t`` and ``layer``; after batching ``group``),
+    for the task-level passes the TaskGraph itself (``task`` on nodes, ``kind`` on edges; after scheduling
+    ``wave`` on nodes).
+    """
+
+    name: str
+    stats: Dict[str, Any]
+    graph: nx.DiGraph
+
+
+def _fx_graph(graph: fx.Graph, tags: Optional[Dict[str, Any]] = None,
+              groups: Optional[Iterable[Any]] = None) -> nx.DiGraph:
+    """The fx graph as a networkx DiGraph of readable attributes (no tensors kept alive)."""
+    group_of: Dict[str, int] = {}
+    for i, g in enumerate(groups or ()):
+        for n in g.nodes:
+            group_of[n] = i
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        attrs: Dict[str, Any] = {"op": n.op, "target": n.target if isinstance(n.target, str)
+                                 else getattr(n.target, "__name__", str(n.target))}
+        if tags is not None and n.name in tags:
+            attrs["t"], attrs["layer"] = tags[n.name].t, tags[n.name].layer
+        if n.name in group_of:
+            attrs["group"] = group_of[n.name]
+        g.add_node(n.name, **attrs)
+        for a in n.all_input_nodes:
+            g.add_edge(a.name, n.name)
+    return g
 
 
 @dataclass
@@ -24,31 +63,46 @@ class Compiled:
     traced: Traced
     task_graph: TaskGraph
     schedule: Schedule
-    snapshots: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)
+    snapshots: List[Snapshot] = field(default_factory=list)
+
+    def snapshot(self, name: str) -> Snapshot:
+        """The snapshot a pass recorded, by pass name."""
+        for s in self.snapshots:
+            if s.name == name:
+                return s
+        raise KeyError(f"no snapshot named {name!r}; have {[s.name for s in self.snapshots]}")
 
 
 def compile_graph(traced: Traced, verify: bool = False) -> Compiled:
     """Unrolled fx graph -> TaskGraph -> Schedule."""
-    snaps: List[Tuple[str, Dict[str, Any]]] = [("trace", {"nodes": len(traced.graph.nodes)})]
+    snaps: List[Snapshot] = [Snapshot("trace", {"nodes": len(traced.graph.nodes)}, _fx_graph(traced.graph))]
     # 1. Hoist: CSE on the unrolled graph, so work on static inputs (the first conv) runs once.
     traced, merged = passes.hoist_time_invariant(traced)
-    snaps.append(("hoist_time_invariant", {"nodes": len(traced.graph.nodes), "merged": merged}))
+    snaps.append(Snapshot("hoist_time_invariant", {"nodes": len(traced.graph.nodes), "merged": merged},
+                          _fx_graph(traced.graph)))
     # 2. Tag: every node gets its timestep (None = time-invariant) and its layer.
     tags = passes.tag_timesteps(traced)
-    snaps.append(("tag_timesteps", {"timesteps": len({t.t for t in tags.values() if t.t is not None}),
-                                    "layers": len({t.layer for t in tags.values()})}))
+    snaps.append(Snapshot("tag_timesteps", {"timesteps": len({t.t for t in tags.values() if t.t is not None}),
+                                            "layers": len({t.layer for t in tags.values()})},
+                          _fx_graph(traced.graph, tags)))
     # 3. Batch: the T copies of a stateless op become one op over [T*N, ...]; a neuron's calls one scan.
     groups = passes.batch_over_time(traced, tags)
-    snaps.append(("batch_over_time", {"groups": len(groups),
-                                      "batched": sum(g.kind != "single" for g in groups)}))
+    snaps.append(Snapshot("batch_over_time", {"groups": len(groups),
+                                              "batched": sum(g.kind != "single" for g in groups)},
+                          _fx_graph(traced.graph, tags, groups)))
     # 4. Build: groups -> tasks in a networkx DAG with data, state and order edges.
     tg = passes.build_task_graph(traced, tags, groups)
     if verify:
         verify_task_graph(tg, "build_task_graph")
-    snaps.append(("build_task_graph", tg.summary()))
+    snaps.append(Snapshot("build_task_graph", tg.summary(), tg.graph.copy()))
     # 5. Schedule: layer-major order (one chunk K = T per layer) and its independent waves.
     schedule = passes.schedule_layer_major(tg)
     if verify:
         verify_schedule(tg, schedule)
-    snaps.append(("schedule_layer_major", {"tasks": len(schedule.order), "waves": len(schedule.waves)}))
+    waved = tg.graph.copy()
+    for i, wave in enumerate(schedule.waves):
+        for name in wave:
+            waved.nodes[name]["wave"] = i
+    snaps.append(Snapshot("schedule_layer_major", {"tasks": len(schedule.order), "waves": len(schedule.waves)},
+                          waved))
     return Compiled(traced, tg, schedule, snaps)

@@ -354,13 +354,22 @@ def test_schedule_is_topological_and_waves_partition(model, form, T):
 # --------------------------------------------------------------------------- the pipeline
 def test_compile_graph_snapshots_every_pass_in_order():
     c = compile_graph(trace_unrolled(FF(), "static", 3), verify=True)
-    assert [name for name, _ in c.snapshots] == ["trace", "hoist_time_invariant", "tag_timesteps",
-                                                 "batch_over_time", "build_task_graph", "schedule_layer_major"]
-    snap = dict(c.snapshots)
+    assert [s.name for s in c.snapshots] == ["trace", "hoist_time_invariant", "tag_timesteps",
+                                             "batch_over_time", "build_task_graph", "schedule_layer_major"]
+    snap = {s.name: s.stats for s in c.snapshots}
     assert snap["hoist_time_invariant"]["merged"] >= 2
     assert snap["tag_timesteps"]["timesteps"] == 3
     assert snap["build_task_graph"]["neuron"] == 2
     assert snap["schedule_layer_major"]["tasks"] == len(c.task_graph)
+    # each snapshot carries the graph the pass produced
+    assert c.snapshot("trace").graph.number_of_nodes() == snap["trace"]["nodes"]
+    assert c.snapshot("hoist_time_invariant").graph.number_of_nodes() == snap["hoist_time_invariant"]["nodes"]
+    tagged = c.snapshot("tag_timesteps").graph
+    assert {d["t"] for _, d in tagged.nodes(data=True)} - {None} == {0, 1, 2}
+    assert len({d["group"] for _, d in c.snapshot("batch_over_time").graph.nodes(data=True)
+                if "group" in d}) == snap["batch_over_time"]["groups"]
+    waves = c.snapshot("schedule_layer_major").graph.nodes(data="wave")
+    assert all(w is not None for _, w in waves) and len(waves) == len(c.task_graph)
 
 
 def test_compiled_specialize_exposes_the_pipeline_result():

@@ -19,7 +19,18 @@ else
     pip_install "torch==2.13.0"
 fi
 
-# 2. snncc itself (editable) with the test and demo dependencies (pytest, hypothesis, scikit-learn).
+# 1b. graphviz's `dot` renders snncc-viz pictures; optional (without it snncc-viz writes DOT and says how to
+#     render it). Installed from the system's packages when we can, never fatal.
+if ! command -v dot >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    if (apt-get install -y -qq graphviz >/dev/null 2>&1 || \
+        (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq graphviz >/dev/null 2>&1)); then
+        echo "setup: graphviz installed"
+    else
+        echo "setup: note: could not install graphviz; snncc-viz will write .dot files instead of pictures" >&2
+    fi
+fi
+
+# 2. snncc itself (editable) with the test and demo dependencies (pytest, hypothesis, scikit-learn, matplotlib).
 pip_install -e ".[test]"
 
 # 3. Interop extras, without their dependencies: their metadata pulls torchvision, which would replace the
