@@ -2,7 +2,7 @@
 
 ``reference`` is plain torch on any device: the oracle for every other backend.
 """
-from .executor import Executor
+from .executor import Executor, TaskObserver
 from .reference import neuron_scan
 
-__all__ = ["Executor", "neuron_scan"]
+__all__ = ["Executor", "TaskObserver", "neuron_scan"]

@@ -19,7 +19,21 @@ from snncc.frontend import Traced, reset_module
 from snncc.ir import Ref, Schedule, SliceConst, Steps, Task, TaskGraph
 from .reference import neuron_scan
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "TaskObserver"]
+
+
+class TaskObserver:
+    """Watches a run task by task (snncc-prof's per-task timing, spike rates, saved bytes).
+
+    ``before`` is called just before a task runs, ``after`` with the value it produced. The base class does
+    nothing; subclass and pass it to ``CompiledModule.observing(...)``. Observers must not change values.
+    """
+
+    def before(self, task: Task) -> None:
+        pass
+
+    def after(self, task: Task, value: Any) -> None:
+        pass
 
 
 class _Unpackable(Exception):
@@ -213,14 +227,18 @@ class Executor:
             if name not in self.traced.bindings:
                 reset_module(m)
 
-    def run(self, inputs: Sequence[Any]) -> Any:
+    def run(self, inputs: Sequence[Any], observer: Optional[TaskObserver] = None) -> Any:
         if len(inputs) != len(self.placeholders):
             raise InputError(f"compiled model takes {len(self.placeholders)} input(s), got {len(inputs)}")
         self.reset_state()
         run = _Run({"__inputs__": tuple(inputs)}, {}, {})
         for task in self.tasks:
             try:
+                if observer is not None:
+                    observer.before(task)
                 run.env[task.name] = self.handlers[task.kind](task, run)
+                if observer is not None:
+                    observer.after(task, run.env[task.name])
             except SNNCCError:
                 raise
             except Exception as exc:

@@ -1,9 +1,10 @@
 """``snncc.compile`` and the drop-in module it returns."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
-from typing import Any, Iterable, Optional, Tuple, Type
+from typing import Any, Iterable, Iterator, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from .errors import InputError
 from .frontend import bind_neuron, is_stateful, reset_module, trace_unrolled
 from .pipeline import Compiled, compile_graph
 from snncc.runtime import Executor
+from snncc.runtime.executor import TaskObserver
 
 __all__ = ["compile", "CompiledModule", "reset"]
 
@@ -62,6 +64,7 @@ class CompiledModule(nn.Module):
         self._buffers = model._buffers
         object.__setattr__(self, "_snncc_model", model)
         object.__setattr__(self, "_snncc_cache", OrderedDict())
+        object.__setattr__(self, "_snncc_observer", None)
         self.form, self.T, self.leaf_modules, self.verify = form, T, tuple(leaf_modules), verify
         self.training = model.training
 
@@ -121,10 +124,21 @@ class CompiledModule(nn.Module):
             cache.popitem(last=False)
         return cache[key]
 
+    @contextlib.contextmanager
+    def observing(self, observer: TaskObserver) -> Iterator[TaskObserver]:
+        """Within the block, every forward calls ``observer.before(task)`` / ``observer.after(task, value)``
+        around each task it runs (how snncc-prof times tasks); restored on exit."""
+        previous = self._snncc_observer
+        object.__setattr__(self, "_snncc_observer", observer)
+        try:
+            yield observer
+        finally:
+            object.__setattr__(self, "_snncc_observer", previous)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
             raise InputError(f"compiled models take positional inputs only; got keyword(s) {sorted(kwargs)}")
-        return self._specialization(args)[1].run(args)
+        return self._specialization(args)[1].run(args, self._snncc_observer)
 
     def extra_repr(self) -> str:
         return f"form={self.form}, T={self.T}"

@@ -656,3 +656,32 @@ def test_import_does_not_import_optional_ecosystems():
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"import snncc imported: {r.stdout} {r.stderr}"
+
+
+def test_observing_sees_every_task_in_schedule_order():
+    """CompiledModule.observing: the hook snncc-prof uses; it sees each task once, before and after."""
+    from snncc.runtime import TaskObserver
+
+    class Log(TaskObserver):
+        def __init__(self):
+            self.events = []
+
+        def before(self, task):
+            self.events.append(("b", task.name))
+
+        def after(self, task, value):
+            self.events.append(("a", task.name))
+
+    model = nn.Sequential(nn.Linear(4, 3), snncc.neurons.LIF())
+    cm = snncc.compile(model, T=3)
+    x = torch.randn(2, 4)
+    log = Log()
+    with cm.observing(log):
+        y = cm(x)
+    order = cm.specialize(x).schedule.order
+    assert [n for k, n in log.events if k == "b"] == list(order)
+    assert [n for k, n in log.events if k == "a"] == list(order)
+    assert y.shape == (3, 2, 3)
+    seen = len(log.events)
+    cm(x)                                  # outside the block: not observed
+    assert seen == len(log.events) == 2 * len(order)
