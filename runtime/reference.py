@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from snncc.neurons import NeuronSpec, charge, fire, initial_state, reset, step
 from snncc.surrogate import derivative
@@ -229,21 +230,32 @@ class _GenericScan(torch.autograd.Function):
 
 
 def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
-                state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor]
+                state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
+                pool: Optional[int] = None, h_dtype: Optional[torch.dtype] = None
                 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Run a neuron layer over K steps. ``x`` is ``[K, *S]`` (or ``[*S]`` fed at every step when
-    ``broadcast``); ``state`` None means the reset state. Returns spikes ``[K, *S]`` and the final state."""
+    ``broadcast``); ``state`` None means the reset state. Returns spikes ``[K, *S]`` and the final state.
+
+    ``pool=k``: the spikes' k x k max pool (stride k, no padding) is returned instead, ``[K, N, C, H/k,
+    W/k]``: fused into the C kernel when it runs, ``F.max_pool2d`` after the scan otherwise. ``h_dtype``:
+    the dtype H is kept in for backward by the C kernel (float16 = ``memory="half"``).
+    """
     x0 = x if broadcast else x[0]
     if state is None:
         state = initial_state(spec, x0)
-    if supports(spec, x, state[0]):
-        spikes, v = c_scan(spec, x, K, broadcast, state[0])
+    w = params[0] if spec.kind == "plif" and len(params) == 1 else None
+    if supports(spec, x, state[0], w) and (w is None or w.numel() == 1):
+        spikes, v = c_scan(spec, x, K, broadcast, state[0], w, pool, h_dtype)
         return spikes, (v,)
     if spec.lif_family and (spec.kind != "plif" or len(params) == 1):
-        w = params[0] if spec.kind == "plif" else None
         need_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, state[0], w))
         spikes, v = _AffineScan.apply(spec, broadcast, K, need_grad, x, state[0], w)
-        return spikes, (v,)
-    out = _GenericScan.apply(spec, broadcast, K, len(state), x, *state, *params)
-    return out[0], tuple(out[1:])
+        out: Tuple[torch.Tensor, ...] = (v,)
+    else:
+        res = _GenericScan.apply(spec, broadcast, K, len(state), x, *state, *params)
+        spikes, out = res[0], tuple(res[1:])
+    if pool is not None:
+        pooled = F.max_pool2d(spikes.flatten(0, 1), pool, pool)
+        spikes = pooled.view(K, spikes.shape[1], *pooled.shape[1:])
+    return spikes, out

@@ -1,4 +1,4 @@
-"""The generated C scans (runtime/cpu.py) against the reference torch scan: every IF/LIF variant.
+"""The generated C scans (runtime/cpu.py) against the reference torch scan: every IF/LIF/PLIF variant.
 
 Spikes and final membrane potentials must be bit-identical (same IEEE operations, no FMA contraction);
 gradients equal to float tolerance (the surrogate's exp may differ by an ulp between libm and torch).
@@ -18,41 +18,117 @@ from snncc.surrogate import KNOWN_SURROGATES, SurrogateSpec
 pytestmark = pytest.mark.skipif(not cpu.compiler_available(), reason="no C compiler")
 
 
-def _run(spec, x, K, broadcast, g, backend, monkeypatch):
+def _use(backend, monkeypatch):
     if backend == "reference":
         monkeypatch.setenv("SNNCC_BACKEND", "reference")
     else:
         monkeypatch.delenv("SNNCC_BACKEND", raising=False)
+
+
+def _run(spec, x, K, broadcast, g, backend, monkeypatch, w=None, pool=None, h_dtype=None):
+    _use(backend, monkeypatch)
     assert cpu.supports(spec, x) == (backend == "c")
-    s, state = neuron_scan(spec, x, K, broadcast, None, ())
-    (gx,) = torch.autograd.grad((s * g).sum() + state[0].sum(), x)
-    return s, state[0], gx
+    params = () if w is None else (w,)
+    s, state = neuron_scan(spec, x, K, broadcast, None, params, pool=pool, h_dtype=h_dtype)
+    wrt = (x,) if w is None else (x, w)
+    grads = torch.autograd.grad((s * g).sum() + state[0].sum(), wrt)
+    return s, state[0], grads
 
 
-VARIANTS = [v for v in itertools.product(["if", "lif"], [True, False], [0.0, 0.5, None], [False, True])
-            if not (v[0] == "if" and not v[1])]
+# kind, decay_input, v_reset, detach_reset: every neuron configuration the kernels generate code for
+CONFIGS = [v for v in itertools.product(["if", "lif", "plif"], [True, False], [0.0, 0.5, None], [False, True])
+           if not (v[0] == "if" and not v[1])]
+LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]     # (broadcast, channels_last)
 
 
-@pytest.mark.parametrize("kind,decay_input,v_reset,detach_reset", VARIANTS)
-@pytest.mark.parametrize("surrogate", KNOWN_SURROGATES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_c_scan_matches_reference(kind, decay_input, v_reset, detach_reset, surrogate, dtype, monkeypatch):
+def _inputs(K, dtype, broadcast, channels_last, shape=(3, 4, 6, 6), scale=2.0):
+    x = torch.randn(K * shape[0], *shape[1:], dtype=dtype) * scale
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return (x[:shape[0]] if broadcast else x.view(K, *shape)).detach().requires_grad_(True)
+
+
+def _compare(spec, dtype, monkeypatch, pool=None, shape=(3, 4, 6, 6), K=4, h_dtype=None, tol=None):
     torch.manual_seed(0)
-    spec = NeuronSpec(kind, SurrogateSpec(surrogate, 2.0), v_reset=v_reset, detach_reset=detach_reset,
-                      tau=2.0, decay_input=decay_input)
-    K = 4
-    for broadcast, channels_last in [(False, False), (True, False), (False, True), (True, True)]:
-        x = torch.randn(K * 3, 4, 5, 6, dtype=dtype) * 2
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = (x[:3] if broadcast else x.view(K, 3, 4, 5, 6)).detach().requires_grad_(True)
-        g = torch.randn(K, 3, 4, 5, 6, dtype=dtype)
-        s_c, v_c, gx_c = _run(spec, x, K, broadcast, g, "c", monkeypatch)
-        s_r, v_r, gx_r = _run(spec, x, K, broadcast, g, "reference", monkeypatch)
-        assert 0 < s_r.mean() < 1, "the test input must make some but not all neurons spike"
+    w = torch.tensor(-0.3, dtype=dtype, requires_grad=True) if spec.kind == "plif" else None
+    for broadcast, channels_last in LAYOUTS:
+        x = _inputs(K, dtype, broadcast, channels_last, shape)
+        out_shape = (K, *shape) if pool is None else (K, shape[0], shape[1], shape[2] // pool, shape[3] // pool)
+        g = torch.randn(out_shape, dtype=dtype)
+        s_c, v_c, g_c = _run(spec, x, K, broadcast, g, "c", monkeypatch, w, pool, h_dtype)
+        s_r, v_r, g_r = _run(spec, x, K, broadcast, g, "reference", monkeypatch, w, pool)
+        assert 0 < s_r.mean() and (pool or s_r.mean() < 1), "the input must make some but not all neurons spike"
         assert torch.equal(s_c, s_r)
         assert torch.equal(v_c, v_r)
-        torch.testing.assert_close(gx_c, gx_r, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g_c, g_r):
+            torch.testing.assert_close(a, b, **(tol or dict(rtol=1e-5, atol=1e-6)))
+
+
+@pytest.mark.parametrize("kind,decay_input,v_reset,detach_reset", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_c_scan_matches_reference_every_neuron_config(kind, decay_input, v_reset, detach_reset, dtype,
+                                                      monkeypatch):
+    """Each neuron configuration, flat and with the max-pool epilogue, all layouts, both dtypes."""
+    spec = NeuronSpec(kind, SurrogateSpec("sigmoid", 4.0), v_reset=v_reset, detach_reset=detach_reset,
+                      tau=2.0, decay_input=decay_input, learnable=("w",) if kind == "plif" else ())
+    _compare(spec, dtype, monkeypatch)
+    _compare(spec, dtype, monkeypatch, pool=2)
+
+
+@pytest.mark.parametrize("surrogate", KNOWN_SURROGATES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_c_scan_matches_reference_every_surrogate(surrogate, dtype, monkeypatch):
+    """The surrogate's code is spliced into every configuration the same way: each one on two of them."""
+    for kind, v_reset in (("lif", 0.0), ("plif", None)):
+        spec = NeuronSpec(kind, SurrogateSpec(surrogate, 2.0), v_reset=v_reset, tau=2.0,
+                          learnable=("w",) if kind == "plif" else ())
+        _compare(spec, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("shape,pool", [((2, 3, 7, 5), 2), ((2, 2, 9, 9), 3), ((1, 5, 4, 4), 4)])
+def test_pool_epilogue_odd_sizes(shape, pool, monkeypatch):
+    """Rows and columns no window covers still integrate (final V) and get no gradient, as in torch."""
+    spec = NeuronSpec("lif", SurrogateSpec("atan", 2.0))
+    _compare(spec, torch.float64, monkeypatch, pool=pool, shape=shape)
+
+
+def test_pool_epilogue_routes_gradient_to_torch_argmax(monkeypatch):
+    """All-zero windows and windows with several spikes: the gradient goes where max_pool2d sends it."""
+    spec = NeuronSpec("if", SurrogateSpec("sigmoid", 4.0))
+    x = torch.tensor([[[[2.0, 2.0, 0.0, 0.0], [2.0, 0.0, 0.0, 2.0]]]], dtype=torch.float64).requires_grad_(True)
+    g = torch.tensor([[[[[1.0, 10.0]]]]], dtype=torch.float64)
+    for backend in ("c", "reference"):
+        _use(backend, monkeypatch)
+        s, (v,) = neuron_scan(spec, x.unsqueeze(0), 1, False, None, (), pool=2)
+        assert s.flatten().tolist() == [1.0, 1.0]
+        (gx,) = torch.autograd.grad((s * g).sum(), x)
+        # window 1: the first spike (0, 0); window 2: the only spike (1, 3)
+        d = gx.flatten().tolist()
+        assert d[0] != 0 and d[7] != 0 and all(d[i] == 0 for i in (1, 2, 3, 4, 5, 6)), (backend, d)
+
+
+def test_half_precision_h_is_close(monkeypatch):
+    """memory="half": H kept in float16 for backward; same forward, gradients to half precision."""
+    spec = NeuronSpec("lif", SurrogateSpec("sigmoid", 4.0))
+    _compare(spec, torch.float32, monkeypatch, h_dtype=torch.float16, tol=dict(rtol=2e-2, atol=2e-3))
+
+
+def test_saved_for_backward_is_h_and_bits(monkeypatch):
+    """The C scan keeps H (float32) and the spikes as bits: 4 + 1/8 bytes per neuron-step."""
+    _use("c", monkeypatch)
+    spec = NeuronSpec("lif", SurrogateSpec("sigmoid", 4.0))
+    x = torch.randn(8, 4, 16, 16, 16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        neuron_scan(spec, x, 8, False, None, ())
+    n = x.numel()
+    assert (torch.float32, n) in saved                               # H
+    assert any(d == torch.uint8 and n // 8 <= m <= n // 8 + 8 * 128 for d, m in saved)   # bits
+    assert sum(m * torch.empty((), dtype=d).element_size() for d, m in saved) <= n * 4.2
 
 
 def test_kernel_source_is_cached(tmp_path, monkeypatch):
@@ -73,5 +149,5 @@ def test_kernel_source_is_cached(tmp_path, monkeypatch):
 def test_unsupported_specs_fall_back():
     opaque = NeuronSpec("lif", SurrogateSpec("callable", 1.0, lambda z: (z >= 0).float()))
     assert not cpu.supports(opaque, torch.zeros(3))
-    assert not cpu.supports(NeuronSpec("plif", SurrogateSpec("sigmoid", 4.0), learnable=("w",)), torch.zeros(3))
+    assert not cpu.supports(NeuronSpec("izhikevich", SurrogateSpec("sigmoid", 4.0)), torch.zeros(3))
     assert not cpu.supports(NeuronSpec("lif", SurrogateSpec("sigmoid", 4.0)), torch.zeros(3, dtype=torch.float16))

@@ -1,0 +1,132 @@
+"""A small caching allocator for the CPU kernels' big buffers (spikes, H per step, gradients).
+
+Why: torch's CPU allocator hands large blocks straight to ``mmap`` and back to the OS when they are freed,
+so every training step pays a page fault (and the kernel's zeroing) per 4 KiB of every fresh buffer. On the
+2-core VMs this project runs on that cost more than the neuron scans themselves: a training step of the
+seed CSNN spent about a third of its time faulting pages in. CUDA has torch's caching allocator; CPU needs
+this.
+
+How it stays safe: the pool keeps one flat byte tensor per buffer and hands out *views* of it. A view is a
+separate TensorImpl holding a reference to the storage, so while anything (autograd's saved tensors, the
+user's outputs, a view of a view) still uses the memory, the storage's use count is above the pool's own;
+a buffer is handed out again only when the pool holds the last reference. Nothing is ever reused early.
+The pool is bounded (``SNNCC_POOL_MB``, default 2048; 0 disables it): free buffers beyond the bound are
+released, least recently used first.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+__all__ = ["empty", "empty_like", "clear", "pooled_bytes"]
+
+_LOCK = threading.Lock()
+# nbytes -> list of flat uint8 base tensors (most recently used last); plus their use-count baseline.
+_FREE: "OrderedDict[int, List[torch.Tensor]]" = OrderedDict()
+_BASELINE: Dict[int, int] = {}
+
+
+def _limit() -> int:
+    return int(os.environ.get("SNNCC_POOL_MB", "2048")) << 20
+
+
+def _use_count(base: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(base.untyped_storage()._cdata)
+
+
+def _is_free(base: torch.Tensor) -> bool:
+    return _use_count(base) <= _BASELINE[id(base)]
+
+
+def pooled_bytes() -> int:
+    """Bytes the pool holds (free or in use)."""
+    with _LOCK:
+        return sum(n * len(v) for n, v in _FREE.items())
+
+
+def clear() -> None:
+    """Drop every pooled buffer (those still in use stay alive through their views)."""
+    with _LOCK:
+        for bases in _FREE.values():
+            for b in bases:
+                _BASELINE.pop(id(b), None)
+        _FREE.clear()
+
+
+def _round(nbytes: int) -> int:
+    """Sizes are rounded up to 1/8 of their power of two so near-equal requests share buffers."""
+    if nbytes <= 4096:
+        return 4096
+    step = 1 << max(12, nbytes.bit_length() - 4)
+    return (nbytes + step - 1) // step * step
+
+
+def _take(nbytes: int) -> torch.Tensor:
+    size = _round(nbytes)
+    with _LOCK:
+        for base in _FREE.get(size, ()):
+            if _is_free(base):
+                _FREE.move_to_end(size)
+                return base
+        base = torch.empty(size, dtype=torch.uint8)
+        _BASELINE[id(base)] = _use_count(base)
+        _FREE.setdefault(size, []).append(base)
+        _FREE.move_to_end(size)
+        _trim()
+        return base
+
+
+def _trim() -> None:
+    """Release free buffers, least recently used sizes first, until the pool fits its bound."""
+    total = sum(n * len(v) for n, v in _FREE.items())
+    limit = _limit()
+    for size in list(_FREE):
+        if total <= limit:
+            return
+        keep = []
+        for b in _FREE[size]:
+            if total > limit and _is_free(b):
+                total -= size
+                _BASELINE.pop(id(b), None)
+            else:
+                keep.append(b)
+        if keep:
+            _FREE[size] = keep
+        else:
+            del _FREE[size]
+
+
+def _cl_strides(shape: Sequence[int]) -> Tuple[int, ...]:
+    """Channels-last strides of a 4-d shape (N, C, H, W) -> memory order N, H, W, C."""
+    n, c, h, w = shape
+    return (h * w * c, 1, w * c, c)
+
+
+def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+          channels_last: bool = False) -> torch.Tensor:
+    """Like ``torch.empty`` (contiguous, or channels-last for 4-d), from the pool on CPU."""
+    shape = tuple(int(s) for s in shape)
+    device = torch.device(device)
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    if device.type != "cpu" or _limit() <= 0:
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=mf)
+    numel = 1
+    for s in shape:
+        numel *= s
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = max(numel * itemsize, 1)
+    base = _take(nbytes)
+    flat = base[:numel * itemsize].view(dtype)
+    if channels_last:
+        return flat.as_strided(shape, _cl_strides(shape))
+    return flat.view(shape)
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """A pooled tensor with ``t``'s shape and dtype, channels-last when ``t`` is (4-d), else contiguous."""
+    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return empty(t.shape, t.dtype, t.device, channels_last=cl)
