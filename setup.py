@@ -19,4 +19,5 @@ setup(
         "cuda12": ["cupy-cuda12x>=13"],
         "cuda13": ["cupy-cuda13x>=13"],
     },
+    entry_points={"console_scripts": ["snncc-viz = snncc.tools.viz:main", "snncc-prof = snncc.tools.prof:main"]},
 )
