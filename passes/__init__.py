@@ -7,7 +7,9 @@ from .hoist_time_invariant import hoist_time_invariant
 from .tag_timesteps import NodeTag, tag_timesteps
 from .batch_over_time import Group, batch_over_time
 from .build_task_graph import build_task_graph
+from .fuse_conv_bn_neuron import fuse_conv_bn_neuron
+from .insert_bitpack import insert_bitpack
 from .schedule_layer_major import schedule_layer_major
 
 __all__ = ["hoist_time_invariant", "tag_timesteps", "NodeTag", "batch_over_time", "Group",
-           "build_task_graph", "schedule_layer_major"]
+           "build_task_graph", "fuse_conv_bn_neuron", "insert_bitpack", "schedule_layer_major"]

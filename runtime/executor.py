@@ -14,9 +14,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from snncc.config import Options
 from snncc.errors import InputError, SNNCCError, TaskFailure
 from snncc.frontend import Traced, reset_module
 from snncc.ir import Ref, Schedule, SliceConst, Steps, Task, TaskGraph
+from .packed import packed_conv, packed_linear
 from .reference import neuron_scan
 
 __all__ = ["Executor", "TaskObserver"]
@@ -34,6 +36,20 @@ class TaskObserver:
 
     def after(self, task: Task, value: Any) -> None:
         pass
+
+
+def _fold_bn(w: torch.Tensor, b: Optional[torch.Tensor], bn: nn.Module
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Conv weights with an eval BatchNorm folded in: BN(conv(x; w, b)) == conv(x; w', b')."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    w2 = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    b2 = shift if b is None else b * scale + shift
+    return w2, b2
 
 
 class _Unpackable(Exception):
@@ -71,8 +87,10 @@ class _Run:
 class Executor:
     """Executes one specialization (a TaskGraph and its Schedule) of a traced model."""
 
-    def __init__(self, traced: Traced, tg: TaskGraph, schedule: Schedule, channels_last: bool = True) -> None:
-        self.traced, self.tg = traced, tg
+    def __init__(self, traced: Traced, tg: TaskGraph, schedule: Schedule, channels_last: bool = True,
+                 options: Options = Options()) -> None:
+        self.traced, self.tg, self.options = traced, tg, options
+        self.h_dtype = torch.float16 if options.memory == "half" else None
         # NOTE: a layout choice only; values are the same up to float rounding of the convolution.
         self.channels_last = channels_last
         self.tasks: List[Task] = [tg.task(n) for n in schedule.order]
@@ -84,6 +102,9 @@ class Executor:
                 self.last_chunk[t.target] = t.name
         self.modules: Dict[str, nn.Module] = {t.target: traced.root.get_submodule(t.target)
                                               for t in self.tasks if t.kind in ("module", "neuron", "opaque")}
+        for t in self.tasks:
+            for f in t.fused:
+                self.modules[f.module] = traced.root.get_submodule(f.module)
         self.handlers: Dict[str, Callable[[Task, _Run], Any]] = {
             "placeholder": self._placeholder, "get_attr": self._get_attr, "module": self._module,
             "function": self._function, "method": self._method, "neuron": self._neuron,
@@ -167,10 +188,32 @@ class Executor:
             return torch.cat([m(xs) for xs in x.chunk(len(task.nodes))]) if isinstance(x, torch.Tensor) \
                 else self._call(task, run, m)
         rank = _module_rank(m)
+        if task.spike_input or task.fused:
+            return self._conv_like(task, run, m, rank)
         if rank == 4 and self.channels_last and isinstance(m, _CL_MODULES):
             return self._call(task, run, lambda x, *a, **k: m(_to_channels_last(x), *a, **k),
                               lambda args: isinstance(args[0], torch.Tensor) and args[0].dim() == rank)
         return self._call(task, run, m, None if rank is None else
+                          (lambda args: isinstance(args[0], torch.Tensor) and args[0].dim() == rank))
+
+    def _conv_like(self, task: Task, run: _Run, m: nn.Module, rank: Optional[int]) -> Any:
+        """A conv/linear with its fusions: eval BatchNorm folded into the weights, spike input kept as bits."""
+        fold = task.fusion("bn_fold")
+        cl = rank == 4 and self.channels_last
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            w, b = m.weight, m.bias
+            if fold is not None:
+                w, b = _fold_bn(w, b, self.modules[fold.module])
+            pack = task.spike_input and torch.is_grad_enabled() and w.requires_grad
+            if isinstance(m, nn.Linear):
+                return packed_linear(m, x) if pack else nn.functional.linear(x, w, b)
+            if cl:
+                x = _to_channels_last(x)
+            if pack and m.padding_mode == "zeros":
+                return packed_conv(m, x, w, b)
+            return m._conv_forward(x, w, b)
+        return self._call(task, run, fn, None if rank is None else
                           (lambda args: isinstance(args[0], torch.Tensor) and args[0].dim() == rank))
 
     def _function(self, task: Task, run: _Run) -> Any:
@@ -205,7 +248,14 @@ class Executor:
             step_shape = self._view(run, arg.refs[0]).shape
             xs = x.view(K, *step_shape)
         params = tuple(getattr(m, n) for n in binding.param_names)
-        spikes, state = neuron_scan(binding.spec, xs, K, broadcast, run.states.get(task.target), params)
+        pool = task.fusion("maxpool_epilogue")
+        step_dim = xs.dim() - (0 if broadcast else 1)
+        k = pool.params[0] if pool is not None and step_dim == 4 else None
+        spikes, state = neuron_scan(binding.spec, xs, K, broadcast, run.states.get(task.target), params,
+                                    pool=k, h_dtype=self.h_dtype)
+        if pool is not None and k is None:        # not 4-d per step: the pool module, step by step
+            pm = self.modules[pool.module]
+            spikes = torch.stack([pm(s) for s in spikes])
         run.states[task.target] = state
         if binding.state_attr is not None and self.last_chunk[task.target] == task.name:
             setattr(m, binding.state_attr, state[0])

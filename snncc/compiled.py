@@ -9,6 +9,7 @@ from typing import Any, Iterable, Iterator, Optional, Tuple, Type
 import torch
 from torch import nn
 
+from .config import Options
 from .errors import InputError
 from .frontend import bind_neuron, is_stateful, reset_module, trace_unrolled
 from .pipeline import Compiled, compile_graph
@@ -57,7 +58,8 @@ class CompiledModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, form: str, T: Optional[int],
-                 leaf_modules: Tuple[Type[nn.Module], ...] = (), verify: bool = False) -> None:
+                 leaf_modules: Tuple[Type[nn.Module], ...] = (), verify: bool = False,
+                 options: Options = Options()) -> None:
         super().__init__()
         self._modules = model._modules
         self._parameters = model._parameters
@@ -66,6 +68,7 @@ class CompiledModule(nn.Module):
         object.__setattr__(self, "_snncc_cache", OrderedDict())
         object.__setattr__(self, "_snncc_observer", None)
         self.form, self.T, self.leaf_modules, self.verify = form, T, tuple(leaf_modules), verify
+        self.options = options
         self.training = model.training
 
     @property
@@ -118,8 +121,8 @@ class CompiledModule(nn.Module):
         traced = trace_unrolled(self._snncc_model, self.form, T, self.leaf_modules, args)
         if self.form == "loop":
             _check_loops(traced, self._snncc_model)
-        compiled = compile_graph(traced, verify=self.verify)
-        cache[key] = (compiled, Executor(traced, compiled.task_graph, compiled.schedule))
+        compiled = compile_graph(traced, verify=self.verify, options=self.options)
+        cache[key] = (compiled, Executor(traced, compiled.task_graph, compiled.schedule, options=self.options))
         if len(cache) > _CACHE_SIZE:
             cache.popitem(last=False)
         return cache[key]
@@ -162,7 +165,8 @@ def _check_loops(traced, model: nn.Module) -> None:
 
 
 def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False,
-            leaf_modules: Iterable[Type[nn.Module]] = (), verify: bool = False) -> CompiledModule:
+            leaf_modules: Iterable[Type[nn.Module]] = (), verify: bool = False, memory: str = "default",
+            fuse: bool = True, bitpack: bool = True) -> CompiledModule:
     """Compile a spiking model.
 
     * ``compile(step_model, T=8)``: the model runs one timestep per call; the input ``[N, ...]`` is fed at
@@ -180,15 +184,16 @@ def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False
     if T is not None and sequence:
         raise InputError("snncc.compile: pass either T= (a static input fed at every step) or sequence=True "
                          "(T read from the input's first dimension), not both")
+    options = Options(fuse=bool(fuse), bitpack=bool(bitpack), memory=memory)
     leaf = tuple(leaf_modules)
     for cls in leaf:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise TypeError(f"snncc.compile: leaf_modules must be nn.Module classes, got {cls!r}")
     if T is not None:
-        return CompiledModule(model, "static", _check_T(T), leaf, verify)
+        return CompiledModule(model, "static", _check_T(T), leaf, verify, options)
     if sequence:
-        return CompiledModule(model, "sequence", None, leaf, verify)
-    return CompiledModule(model, "loop", None, leaf, verify)
+        return CompiledModule(model, "sequence", None, leaf, verify, options)
+    return CompiledModule(model, "loop", None, leaf, verify, options)
 
 
 def reset(model: nn.Module) -> nn.Module:

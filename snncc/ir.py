@@ -11,7 +11,8 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import networkx as nx
 
-__all__ = ["Ref", "Steps", "SliceConst", "Task", "TaskGraph", "Schedule", "TASK_KINDS", "EDGE_KINDS"]
+__all__ = ["Ref", "Steps", "SliceConst", "Fusion", "Task", "TaskGraph", "Schedule", "TASK_KINDS", "EDGE_KINDS",
+           "FUSION_KINDS"]
 
 #: placeholder: a model input; get_attr: a parameter/buffer/constant; module/function/method: one
 #: stateless op (over one step, or over a chunk of steps when ``batched``); neuron: a neuron layer's scan
@@ -21,6 +22,9 @@ TASK_KINDS = ("placeholder", "get_attr", "module", "function", "method", "neuron
 #: data: a value flows; state: a stateful layer's chunk follows its previous chunk; order: random-number
 #: draws (and opaque modules) keep eager's program order.
 EDGE_KINDS = ("data", "state", "order")
+#: maxpool_epilogue: a max pool of a neuron's spikes computed by the neuron's kernel (max of spikes = OR);
+#: bn_fold: an eval-mode BatchNorm folded into the preceding convolution's weights.
+FUSION_KINDS = ("maxpool_epilogue", "bn_fold")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,24 @@ class SliceConst:
 
 
 @dataclass(frozen=True)
+class Fusion:
+    """Work another task used to do, absorbed into this one by ``fuse_conv_bn_neuron``.
+
+    ``module`` is the absorbed module's qualname, ``task`` the name of the task it replaced (for the
+    visualizer), ``params`` its hashable settings (the pool's kernel size).
+    """
+
+    kind: str
+    module: str
+    task: str
+    params: Tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in FUSION_KINDS:
+            raise ValueError(f"unknown fusion kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
 class Task:
     """One unit of the schedule.
 
@@ -71,6 +93,12 @@ class Task:
     batched: bool = False
     order: int = 0
     nodes: Tuple[str, ...] = ()
+    fused: Tuple[Fusion, ...] = ()
+    spike_input: bool = False     # a conv/linear whose input is spikes: kept for backward as packed bits
+
+    def fusion(self, kind: str) -> Optional[Fusion]:
+        """The fusion of ``kind`` this task carries, if any."""
+        return next((f for f in self.fused if f.kind == kind), None)
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:

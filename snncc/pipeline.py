@@ -13,6 +13,7 @@ import networkx as nx
 import torch.fx as fx
 
 from snncc import passes
+from .config import Options
 from .frontend import Traced
 from .ir import Schedule, TaskGraph
 from .verify import verify_schedule, verify_task_graph
@@ -73,7 +74,7 @@ class Compiled:
         raise KeyError(f"no snapshot named {name!r}; have {[s.name for s in self.snapshots]}")
 
 
-def compile_graph(traced: Traced, verify: bool = False) -> Compiled:
+def compile_graph(traced: Traced, verify: bool = False, options: Options = Options()) -> Compiled:
     """Unrolled fx graph -> TaskGraph -> Schedule."""
     snaps: List[Snapshot] = [Snapshot("trace", {"nodes": len(traced.graph.nodes)}, _fx_graph(traced.graph))]
     # 1. Hoist: CSE on the unrolled graph, so work on static inputs (the first conv) runs once.
@@ -95,7 +96,21 @@ def compile_graph(traced: Traced, verify: bool = False) -> Compiled:
     if verify:
         verify_task_graph(tg, "build_task_graph")
     snaps.append(Snapshot("build_task_graph", tg.summary(), tg.graph.copy()))
-    # 5. Schedule: layer-major order (one chunk K = T per layer) and its independent waves.
+    if options.fuse:
+        # 5. Fuse: max pools of spikes into their neuron's kernel; eval BatchNorm into the conv's weights.
+        tg = passes.fuse_conv_bn_neuron(tg, traced)
+        if verify:
+            verify_task_graph(tg, "fuse_conv_bn_neuron")
+        snaps.append(Snapshot("fuse_conv_bn_neuron", dict(tg.summary(), fused=sum(len(t.fused) for t in tg.tasks())),
+                              tg.graph.copy()))
+    if options.bitpack:
+        # 6. Bitpack: convs/linears fed by spikes keep their input for backward as 1 bit per element.
+        tg = passes.insert_bitpack(tg, traced)
+        if verify:
+            verify_task_graph(tg, "insert_bitpack")
+        snaps.append(Snapshot("insert_bitpack", {"packed_inputs": sum(t.spike_input for t in tg.tasks())},
+                              tg.graph.copy()))
+    # 7. Schedule: layer-major order (one chunk K = T per layer) and its independent waves.
     schedule = passes.schedule_layer_major(tg)
     if verify:
         verify_schedule(tg, schedule)

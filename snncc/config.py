@@ -1,0 +1,26 @@
+"""Compile options: what ``snncc.compile`` may trade, all explicit, exact by default."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError
+
+__all__ = ["Options", "MEMORY_MODES"]
+
+#: default: H kept in the input's dtype (float32), spikes as bits, spike inputs of conv/linear as bits.
+#: half: H kept in float16 for backward (forward and spikes unchanged; gradients to half precision).
+MEMORY_MODES = ("default", "half")
+
+
+@dataclass(frozen=True)
+class Options:
+    """``fuse``: run the fusion passes (max pool into the neuron kernel, eval BatchNorm into the conv).
+    ``bitpack``: keep spike inputs of conv/linear layers as bits for backward. ``memory``: MEMORY_MODES."""
+
+    fuse: bool = True
+    bitpack: bool = True
+    memory: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.memory not in MEMORY_MODES:
+            raise InputError(f"snncc.compile: memory must be one of {MEMORY_MODES}, got {self.memory!r}")

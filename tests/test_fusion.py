@@ -1,0 +1,194 @@
+"""fuse_conv_bn_neuron and insert_bitpack: structure of the rewritten graph, and compiled == eager through
+every fused path (max-pool epilogue, eval BatchNorm folding, spike inputs kept as bits)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import snncc
+from snncc import passes
+from snncc.frontend import trace_unrolled
+from snncc.pipeline import compile_graph
+from snncc.runtime.packed import pack_spikes, packed_conv, packed_linear, unpack_spikes
+
+from conftest import assert_same_training
+
+
+class ConvPoolNet(nn.Module):
+    """conv -> [BN] -> LIF -> maxpool(2) -> conv -> LIF -> maxpool(2) -> flatten -> linear -> LIF."""
+
+    def __init__(self, bn: bool = False, pool: nn.Module = None, surrogate=None) -> None:
+        super().__init__()
+        sg = surrogate or snncc.surrogate.Sigmoid()
+        self.c1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6) if bn else nn.Identity()
+        self.n1 = snncc.LIF(surrogate_function=sg)
+        self.p1 = pool if pool is not None else nn.MaxPool2d(2)
+        self.c2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8) if bn else nn.Identity()
+        self.n2 = snncc.LIF(surrogate_function=sg, v_reset=None)
+        self.p2 = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 2 * 2, 5)
+        self.n3 = snncc.IF(surrogate_function=sg, v_threshold=0.3)
+        with torch.no_grad():           # enough drive that every layer fires (the tests are not vacuous)
+            for m in (self.c1, self.c2, self.fc):
+                m.weight.mul_(3.0)
+                m.bias.add_(0.2)
+
+    def forward(self, x):
+        x = self.p1(self.n1(self.bn1(self.c1(x))))
+        x = self.p2(self.n2(self.bn2(self.c2(x))))
+        return self.n3(self.fc(x.flatten(1)))
+
+
+def _compiled(model, T=4, train=True, **kw):
+    model.train(train)
+    return compile_graph(trace_unrolled(model, "static", T), verify=True).task_graph
+
+
+def test_maxpool_becomes_the_neurons_epilogue():
+    tg = _compiled(ConvPoolNet())
+    neurons = {t.target: t for t in tg.tasks() if t.kind == "neuron"}
+    assert neurons["n1"].fusion("maxpool_epilogue").module == "p1"
+    assert neurons["n2"].fusion("maxpool_epilogue").params == (2,)
+    assert neurons["n3"].fusion("maxpool_epilogue") is None
+    assert not [t for t in tg.tasks() if t.kind == "module" and t.target in ("p1", "p2")]
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2, stride=1), nn.MaxPool2d(3, padding=1, stride=3),
+                                  nn.AvgPool2d(2), nn.MaxPool2d(2, ceil_mode=True)])
+def test_other_pools_are_not_fused(pool):
+    tg = _compiled(ConvPoolNet(pool=pool))
+    n1 = next(t for t in tg.tasks() if t.target == "n1")
+    assert n1.fusion("maxpool_epilogue") is None
+    assert any(t.target == "p1" for t in tg.tasks())
+
+
+def test_pool_read_by_two_layers_is_not_fused():
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n = snncc.LIF()
+            self.p = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            s = self.n(x)
+            return self.p(s).sum() + s.sum()
+    tg = _compiled(TwoReaders())
+    assert all(not t.fused for t in tg.tasks())
+
+
+def test_bn_folds_into_conv_in_eval_only():
+    tg = _compiled(ConvPoolNet(bn=True), train=False)
+    convs = {t.target: t for t in tg.tasks() if t.kind == "module" and t.target in ("c1", "c2")}
+    assert convs["c1"].fusion("bn_fold").module == "bn1" and convs["c2"].fusion("bn_fold").module == "bn2"
+    assert not any(t.target in ("bn1", "bn2") for t in tg.tasks())
+    tg_train = _compiled(ConvPoolNet(bn=True), train=True)
+    assert any(t.target == "bn1" for t in tg_train.tasks())
+    assert not any(t.fusion("bn_fold") for t in tg_train.tasks())
+
+
+def test_bitpack_marks_spike_fed_conv_and_linear():
+    tg = _compiled(ConvPoolNet())
+    marked = {t.target for t in tg.tasks() if t.spike_input}
+    assert marked == {"c2", "fc"}      # c1 reads the (analog) input
+
+
+def test_opaque_surrogate_spikes_are_not_marked_binary():
+    class Step(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            return (z >= 0).to(z.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+    tg = _compiled(ConvPoolNet(surrogate=Step.apply))
+    assert not any(t.spike_input for t in tg.tasks())
+
+
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_model_matches_eager_float64(bn, train):
+    torch.manual_seed(0)
+    x = torch.rand(3, 2, 8, 8) * 3
+    assert_same_training(lambda: ConvPoolNet(bn=bn), x, T=4, train=train, backward=True)
+
+
+def test_fused_model_matches_eager_float32_channels_last():
+    x = torch.rand(3, 2, 8, 8) * 3
+    assert_same_training(lambda: ConvPoolNet(bn=True), x, T=4, train=True, dtype=torch.float32)
+
+
+def test_fusion_off_gives_the_same_result():
+    torch.manual_seed(1)
+    m = ConvPoolNet(bn=True).double()
+    x = torch.rand(3, 2, 8, 8, dtype=torch.float64) * 3
+    a = snncc.compile(copy.deepcopy(m), T=4)(x)
+    b = snncc.compile(copy.deepcopy(m), T=4, fuse=False, bitpack=False)(x)
+    assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- packed inputs
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pack_unpack_roundtrip(channels_last):
+    x = (torch.rand(3, 5, 7, 6) > 0.5).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bits = pack_spikes(x)
+    assert bits.dtype == torch.uint8 and bits.numel() == (x.numel() + 7) // 8
+    y = unpack_spikes(bits, tuple(x.shape), x.stride(), x.dtype)
+    assert torch.equal(x, y) and y.stride() == x.stride()
+
+
+def test_pack_refuses_non_binary_values():
+    assert pack_spikes(torch.tensor([0.0, 1.0, 0.5])) is None
+    assert pack_spikes(torch.tensor([[0.0, 1.0], [1.0, 0.0]]).t()) is None     # not dense
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_packed_conv_and_linear_gradients_equal_dense(binary):
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 6, 6, dtype=torch.float64)
+    x = (x > 0.5).double() if binary else x
+    x.requires_grad_(True)
+    conv = nn.Conv2d(3, 5, 3, padding=1, stride=2).double()
+    lin = nn.Linear(6, 4).double()
+    for fast, slow, inp in ((lambda t: packed_conv(conv, t), conv, x), (lambda t: packed_linear(lin, t), lin, x)):
+        y1 = fast(inp)
+        g = torch.randn_like(y1)
+        params = list(slow.parameters())
+        g1 = torch.autograd.grad((y1 * g).sum(), [inp] + params)
+        y2 = slow(inp)
+        g2 = torch.autograd.grad((y2 * g).sum(), [inp] + params)
+        assert torch.equal(y1, y2)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b)
+
+
+def test_packed_conv_saves_bits_not_floats():
+    x = (torch.rand(8, 16, 16, 16) > 0.5).float().requires_grad_(True)
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        packed_conv(conv, x)
+    assert sum(t.numel() * t.element_size() for t in saved if t.dtype == torch.uint8) == x.numel() // 8
+    assert not any(t.shape == x.shape for t in saved)
+
+
+def test_memory_half_option_validated_and_close():
+    with pytest.raises(snncc.errors.InputError, match="memory"):
+        snncc.compile(ConvPoolNet(), T=2, memory="tiny")
+    torch.manual_seed(0)
+    m = ConvPoolNet()
+    x = torch.rand(3, 2, 8, 8) * 3
+    a, b = snncc.compile(copy.deepcopy(m), T=4), snncc.compile(copy.deepcopy(m), T=4, memory="half")
+    ya, yb = a(x), b(x)
+    assert torch.equal(ya, yb)                     # forward unchanged
+    ga = torch.autograd.grad(ya.sum(), list(a.parameters()))
+    gb = torch.autograd.grad(yb.sum(), list(b.parameters()))
+    for p, q in zip(ga, gb):
+        torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-3)
