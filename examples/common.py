@@ -22,8 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 __all__ = [
-    "Data", "load_digits_images", "load_cifar10", "CIFAR10_MEAN", "CIFAR10_STD", "seed_everything",
-    "Contender", "make_contenders", "batches", "warm_up", "train_epoch", "evaluate", "run_training",
+    "Data", "load_digits_images", "load_cifar10", "load_gestures", "load_event_dir", "CIFAR10_MEAN", "CIFAR10_STD", "seed_everything",
+    "Contender", "make_contenders", "eager_loop", "batches", "warm_up", "train_epoch", "evaluate", "run_training",
     "plot_curves", "is_png",
 ]
 
@@ -46,7 +46,8 @@ class Data:
     """Train and test tensors (inputs float32, labels int64) and the number of classes.
 
     ``flip``: training inputs are images that may be flipped left-right as augmentation (seed 001's
-    ``RandomHorizontalFlip`` for CIFAR-10).
+    ``RandomHorizontalFlip`` for CIFAR-10). ``sequence``: inputs are frame sequences stored ``[N, T, ...]``
+    (batched by sample; a model takes them time first, ``[T, N, ...]``).
     """
 
     x_train: Tensor
@@ -56,6 +57,7 @@ class Data:
     classes: int
     name: str
     flip: bool = False
+    sequence: bool = False
 
     def describe(self) -> str:
         return (f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test, input "
@@ -133,6 +135,43 @@ def load_cifar10(root: str, train_size: Optional[int] = None, test_size: Optiona
     return Data(norm(x_tr), torch.from_numpy(y_tr), norm(x_te), torch.from_numpy(y_te), 10, "cifar10", flip=True)
 
 
+def load_gestures(n_train: int, n_test: int, classes: int = 4, size: int = 32, frames: int = 8,
+                  seed: int = 0, events_per_sample: int = 2000) -> Data:
+    """Synthetic DVS gestures (:func:`snncc.data.synthetic_gestures`: a blob moving in a class-dependent
+    direction) as event-count frames ``[N, T, 2, size, size]`` (``n_frames=frames``, split by event
+    count). Train and test recordings come from different seeds."""
+    from snncc.data import events_to_frames, synthetic_gestures
+
+    def make(n: int, s: int) -> Tuple[Tensor, Tensor]:
+        events, labels = synthetic_gestures(n, classes, (size, size), events_per_sample=events_per_sample, seed=s)
+        x = np.stack([events_to_frames(e, (size, size), n_frames=frames) for e in events])
+        return torch.from_numpy(x), torch.from_numpy(labels)
+
+    x_tr, y_tr = make(n_train, 2 * seed)
+    x_te, y_te = make(n_test, 2 * seed + 1)
+    return Data(x_tr, y_tr, x_te, y_te, classes, "synthetic gestures", sequence=True)
+
+
+def load_event_dir(root: str, frames: Optional[int], duration: Optional[float], split_by: str, seed: int,
+                   test_fraction: float = 0.25, sensor_size: Optional[Sequence[int]] = None) -> Data:
+    """Recordings in :class:`snncc.data.NpzEventDataset`'s layout (``<root>/<class>/*.npz``), as frames,
+    split at random (by ``seed``) into train and test. With ``duration`` slicing the recordings may have
+    different frame counts: they are zero-padded at the end to the longest."""
+    from snncc.data import NpzEventDataset
+
+    ds = NpzEventDataset(root, n_frames=frames, duration=duration, split_by=split_by, sensor_size=sensor_size)
+    items = [ds[i] for i in range(len(ds))]
+    T = max(f.shape[0] for f, _ in items)
+    x = torch.zeros((len(items), T) + tuple(items[0][0].shape[1:]))
+    for i, (f, _) in enumerate(items):
+        x[i, :f.shape[0]] = f
+    y = torch.tensor([label for _, label in items])
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, int(round(test_fraction * len(y))))
+    te, tr = order[:n_test], order[n_test:]
+    return Data(x[tr], y[tr], x[te], y[te], len(ds.classes), f"npz events ({root})", sequence=True)
+
+
 # --------------------------------------------------------------------------- eager vs compiled
 @dataclass
 class Contender:
@@ -176,16 +215,35 @@ class Contender:
 
 def make_contenders(model: nn.Module, compile_fn: Callable[[nn.Module], nn.Module],
                     eager_run: Callable[[nn.Module], Callable[[Tensor], Tensor]], lr: float, loss_fn: LossFn,
-                    logits_fn: Callable[[Tensor], Tensor], eager: bool = True) -> List[Contender]:
+                    logits_fn: Callable[[Tensor], Tensor], eager: bool = True,
+                    prepare: Optional[Callable[[Tensor], Tensor]] = None) -> List[Contender]:
     """Copies of one initial model: ``[eager, compiled]`` (or ``[compiled]`` when ``eager`` is False),
-    each with its own Adam. ``eager_run(module)`` is the eager call (e.g. the loop over time)."""
+    each with its own Adam. ``eager_run(module)`` is the eager call (e.g. the loop over time);
+    ``prepare(x)`` is applied to each batch before either call (e.g. ``[N, T, ...]`` -> ``[T, N, ...]``)."""
+    def wrap(run: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        return run if prepare is None else (lambda x: run(prepare(x)))
+
     out = []
     if eager:
         m = copy.deepcopy(model)
-        out.append(Contender("eager", m, eager_run(m), torch.optim.Adam(m.parameters(), lr=lr), loss_fn, logits_fn))
+        out.append(Contender("eager", m, wrap(eager_run(m)), torch.optim.Adam(m.parameters(), lr=lr), loss_fn,
+                             logits_fn))
     cm = compile_fn(copy.deepcopy(model))
-    out.append(Contender("compiled", cm, cm, torch.optim.Adam(cm.parameters(), lr=lr), loss_fn, logits_fn))
+    out.append(Contender("compiled", cm, wrap(cm), torch.optim.Adam(cm.parameters(), lr=lr), loss_fn, logits_fn))
     return out
+
+
+def eager_loop(model: nn.Module, T: Optional[int] = None) -> Callable[[Tensor], Tensor]:
+    """The eager baseline of a step-mode model, from the reset state: ``T`` given: the same input
+    ``[N, ...]`` at each of T steps; otherwise an input sequence ``[T, N, ...]``. Returns ``[T, N, ...]``."""
+    import snncc
+
+    def run(x: Tensor) -> Tensor:
+        snncc.reset(model)
+        if T is None:
+            return torch.stack([model(x[t]) for t in range(x.shape[0])])
+        return torch.stack([model(x) for _ in range(T)])
+    return run
 
 
 def batches(x: Tensor, y: Tensor, size: int, order: Optional[Tensor] = None,
