@@ -101,7 +101,8 @@ def load_factory(spec: str) -> Callable[..., Any]:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            have = sorted(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None)))
+            have = sorted(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))
+                          and getattr(getattr(obj, n), "__module__", None) == getattr(obj, "__name__", None))
             raise ModelSpecError(f"model spec {spec!r}: {where!r} has no attribute {attr!r} "
                                  f"(callables there: {', '.join(have[:20]) or 'none'})")
         obj = getattr(obj, part)
@@ -148,8 +149,8 @@ def build_model(spec: str, kwargs: Dict[str, Any], T: Optional[int] = None) -> n
     except TypeError as exc:
         raise ModelSpecError(f"model spec {spec!r}: calling it with {kw or 'no arguments'} failed: {exc}") from exc
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"model spec {spec!r}: the factory returned a {type(model).__name__}, not a "
-                             f"torch.nn.Module")
+        raise ModelSpecError(f"model spec {spec!r}: the factory returned an object of type "
+                             f"{type(model).__name__}, not a torch.nn.Module")
     return model
 
 

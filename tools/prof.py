@@ -243,7 +243,7 @@ def _peak_bytes(v: Variant) -> Optional[int]:
 
 def compare(variants: List[Variant], warmup: int, repeat: int, log: Callable[[str], None] = lambda s: None) -> None:
     """Warm every variant up (a failure marks it skipped), then time them interleaved, ``repeat`` times."""
-    reference = None
+    outputs: Dict[str, Any] = {}
     for v in variants:
         if v.skipped:
             continue
@@ -253,15 +253,15 @@ def compare(variants: List[Variant], warmup: int, repeat: int, log: Callable[[st
                 v.module.train()
                 _train_once(v)
                 v.module.eval()
-                _, out = _infer_once(v)
+                _, outputs[v.name] = _infer_once(v)
         except Exception as exc:                        # noqa: BLE001 -- reported as a skip reason
             v.skipped = f"failed to run: {_first_line(exc)}"
-            continue
-        if v.name == "eager":
-            reference = out
-        elif reference is not None:
-            v.max_abs_diff = _max_abs_diff(reference, out)
     live = [v for v in variants if not v.skipped]
+    if "eager" in outputs:                              # same weights, eval mode: outputs should agree
+        for v in live:
+            if v.name != "eager":
+                v.max_abs_diff = _max_abs_diff(outputs["eager"], outputs[v.name])
+    outputs.clear()
     for _ in range(repeat):
         for v in live:
             v.module.train()
@@ -487,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--torch-compile-backend", default="inductor",
                     help="backend for the torch.compile variant (default inductor; its first compile on a CPU "
                          "can take minutes, cached afterwards; aot_eager compiles in seconds)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (default: torch's own choice)")
     ap.add_argument("--json", metavar="FILE", help="write the report as JSON")
     ap.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the profiled schedule")
     ap.add_argument("--quiet", action="store_true", help="no terminal tables")
@@ -503,7 +505,8 @@ def _meta(w: Workload, args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run snncc-prof; returns the exit status (0 ok, 2 bad arguments or model spec)."""
+    """Run snncc-prof; returns the exit status (0 ok, 1 the compiled model failed, 2 bad arguments or model
+    spec). A variant of --compare that fails is reported as skipped, not as an error."""
     from rich.console import Console
     args = build_parser().parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 160, quiet=args.quiet)
@@ -512,11 +515,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         names = parse_variants(args.compare)
         w = workload_from_args(args)
     except ModelSpecError as exc:
-        err.print(f"[red]snncc-prof: {exc}[/red]", highlight=False)
+        err.print(f"[red]snncc-prof: {exc}[/red]", highlight=False, soft_wrap=True)
         return 2
-    if args.repeat < 1 or args.steps < 1 or args.warmup < 0:
-        err.print("[red]snncc-prof: --repeat and --steps must be >= 1, --warmup >= 0[/red]")
+    if args.repeat < 1 or args.steps < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        err.print("[red]snncc-prof: --repeat, --steps and --threads must be >= 1, --warmup >= 0[/red]")
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     meta = _meta(w, args)
     x = w.make_input()
     variants = build_variants(w, names, x, args.torch_compile_backend)     # copies of the untouched model
@@ -527,8 +532,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cm = w.compile()
         if w.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        prof, compiled = profile_compiled(cm, x, args.steps, args.warmup, train=args.mode == "train",
-                                          exclude=param_storages(w.model))
+        try:
+            prof, compiled = profile_compiled(cm, x, args.steps, args.warmup, train=args.mode == "train",
+                                              exclude=param_storages(w.model))
+        except snncc.SNNCCError as exc:
+            err.print(f"[red]snncc-prof: {w.spec}: compiling or running the model failed: {exc}[/red]",
+                      highlight=False, soft_wrap=True)
+            return 1
         rows = task_rows(prof, compiled)
         tot = totals(prof, rows, w.device)
         meta["tasks"] = len(rows)
@@ -550,6 +560,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with open(args.trace, "w") as f:
                 json.dump(chrome_trace(prof, rows, meta), f)
             console.print(f"wrote {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    if summary.get("eager", {}).get("skipped"):
+        err.print(f"[red]snncc-prof: the eager baseline itself failed ({summary['eager']['skipped']}): check the "
+                  f"model, --input-shape and the form (--sequence / --loop)[/red]", highlight=False, soft_wrap=True)
+        return 1
     return 0
 
 

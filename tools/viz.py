@@ -585,7 +585,8 @@ def _say(msg: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run snncc-viz; returns the exit status (0 written; 1 the requested picture needs dot; 2 bad input)."""
+    """Run snncc-viz; returns the exit status (0 written; 1 the model failed, or the requested picture needs
+    dot, whose source was written instead; 2 bad arguments or model spec)."""
     args = build_parser().parse_args(argv)
     out = args.output
     ext = os.path.splitext(out)[1].lower()
@@ -601,9 +602,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train = not args.eval
     x = w.make_input()
     measured = args.time == "measured"
-    prof, compiled = profile_compiled(cm, x, runs=max(1, args.repeat) if measured else 1,
-                                      warmup=1 if measured else 0, train=train,
-                                      backward=train and measured)
+    if args.list_views:
+        cm.train(train)
+        print("\n".join(["dag", "timeline"] + [s.name for s in cm.specialize(x).snapshots]))
+        return 0
+    try:
+        prof, compiled = profile_compiled(cm, x, runs=max(1, args.repeat) if measured else 1,
+                                          warmup=1 if measured else 0, train=train,
+                                          backward=train and measured)
+    except snncc.SNNCCError as exc:
+        _say(f"{w.spec}: compiling or running the model failed: {exc}")
+        return 1
     rows = task_rows(prof, compiled)
     root = getattr(compiled.traced, "root", None)
     tg = compiled.task_graph
@@ -630,9 +639,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        times=durations if measured else None, waves=wave, lanes=lane)
     pass_dots = [(s.name, snapshot_dot(s, colors=colors, layer_of=layer_of, root=root,
                                        max_nodes=args.max_nodes)) for s in compiled.snapshots]
-    if args.list_views:
-        print("\n".join(["dag", "timeline"] + [s.name for s in compiled.snapshots]))
-        return 0
     dot_ok = find_dot() is not None
     if ext in (".html", ".htm"):
         edges = {k: sum(1 for _ in tg.edges(k)) for k in ("data", "state", "order")}
