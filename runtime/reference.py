@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from snncc.neurons import NeuronSpec, charge, fire, initial_state, reset, step
 from snncc.surrogate import derivative
+from . import cuda
 from .cpu import c_scan, supports
 
 __all__ = ["neuron_scan"]
@@ -244,6 +245,10 @@ def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
     if state is None:
         state = initial_state(spec, x0)
     w = params[0] if spec.kind == "plif" and len(params) == 1 else None
+    if x.is_cuda and cuda.supports(spec, x, state[0], w) and (w is None or w.numel() == 1):
+        from .cuda.launch import cuda_scan       # imports cupy: only when a CUDA scan actually runs
+        spikes, v = cuda_scan(spec, x, K, broadcast, state[0], w, pool, h_dtype)
+        return spikes, (v,)
     if supports(spec, x, state[0], w) and (w is None or w.numel() == 1):
         spikes, v = c_scan(spec, x, K, broadcast, state[0], w, pool, h_dtype)
         return spikes, (v,)
