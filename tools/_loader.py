@@ -275,6 +275,8 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--input-scale", type=float, default=1.0,
                     help="the input is uniform in [0, scale) (default 1; an untrained net may need more to spike)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the model's initialization and the input")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (default: torch's own choice)")
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -283,6 +285,10 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         raise ModelSpecError(f"-T {args.T}: the number of timesteps must be >= 1")
     if args.batch < 1:
         raise ModelSpecError(f"--batch {args.batch}: must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ModelSpecError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
     shape = parse_shape(args.input_shape)
     form = "sequence" if args.sequence else "loop" if args.loop else "static"
     torch.manual_seed(args.seed)

@@ -29,7 +29,7 @@ from snncc.runtime.executor import TaskObserver
 from ._loader import flatten_tensors
 
 __all__ = ["TaskRow", "RunRecord", "TaskProfiler", "profile_compiled", "planned_lanes", "task_describe", "module_class",
-           "task_rows",
+           "task_rows", "median_run",
            "storage_bytes", "param_storages"]
 
 
@@ -201,6 +201,14 @@ class TaskProfiler(TaskObserver):
             node.register_hook(post)
         except (RuntimeError, AttributeError):      # e.g. AccumulateGrad on some versions: not timed
             pass
+
+
+def median_run(prof: "TaskProfiler") -> Optional[RunRecord]:
+    """The profiled run with the median total time: the one to draw or trace (not an outlier)."""
+    if not prof.runs:
+        return None
+    ranked = sorted(prof.runs, key=lambda r: r.forward_wall + (r.backward_wall or 0.0))
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def _median(xs: List[float]) -> Optional[float]:

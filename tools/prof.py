@@ -36,7 +36,7 @@ from torch import nn
 import snncc
 
 from ._loader import ModelSpecError, Workload, add_workload_args, flatten_tensors, workload_from_args
-from ._taskprof import TaskProfiler, TaskRow, _loss, param_storages, profile_compiled, task_rows
+from ._taskprof import TaskProfiler, TaskRow, _loss, median_run, param_storages, profile_compiled, task_rows
 
 __all__ = ["main", "VARIANTS", "Variant", "build_variants", "compare", "chrome_trace", "layer_rows",
            "report_json"]
@@ -360,7 +360,7 @@ def totals(prof: TaskProfiler, rows: List[TaskRow], device: torch.device) -> Dic
 
 
 def chrome_trace(prof: TaskProfiler, rows: List[TaskRow], meta: Dict[str, Any]) -> Dict[str, Any]:
-    """The last profiled run as Chrome trace events: forward tasks on one track (the CPU runs one stream),
+    """The median profiled run as Chrome trace events: forward tasks on one track (the CPU runs one stream),
     backward autograd nodes on another, times in microseconds from the forward's start."""
     pid = 1
     events: List[Dict[str, Any]] = [
@@ -371,9 +371,9 @@ def chrome_trace(prof: TaskProfiler, rows: List[TaskRow], meta: Dict[str, Any]) 
         {"name": "thread_name", "ph": "M", "pid": pid, "tid": 1,
          "args": {"name": "backward: autograd nodes per task (measured)"}},
     ]
-    if not prof.runs:
+    run = median_run(prof)
+    if run is None:
         return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": meta}
-    run = prof.runs[-1]
     by_name = {r.name: r for r in rows}
     for name, (s, e) in sorted(run.fwd.items(), key=lambda kv: kv[1][0]):
         r = by_name.get(name)
@@ -487,8 +487,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--torch-compile-backend", default="inductor",
                     help="backend for the torch.compile variant (default inductor; its first compile on a CPU "
                          "can take minutes, cached afterwards; aot_eager compiles in seconds)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads for the run (default: torch's own choice)")
     ap.add_argument("--json", metavar="FILE", help="write the report as JSON")
     ap.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the profiled schedule")
     ap.add_argument("--quiet", action="store_true", help="no terminal tables")
@@ -517,11 +515,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ModelSpecError as exc:
         err.print(f"[red]snncc-prof: {exc}[/red]", highlight=False, soft_wrap=True)
         return 2
-    if args.repeat < 1 or args.steps < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        err.print("[red]snncc-prof: --repeat, --steps and --threads must be >= 1, --warmup >= 0[/red]")
+    if args.repeat < 1 or args.steps < 1 or args.warmup < 0:
+        err.print("[red]snncc-prof: --repeat and --steps must be >= 1, --warmup >= 0[/red]")
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     meta = _meta(w, args)
     x = w.make_input()
     variants = build_variants(w, names, x, args.torch_compile_backend)     # copies of the untouched model

@@ -46,7 +46,7 @@ from torch import nn
 import snncc
 
 from ._loader import ModelSpecError, Workload, add_workload_args, workload_from_args
-from ._taskprof import TaskRow, module_class, planned_lanes, profile_compiled, task_describe, task_rows
+from ._taskprof import TaskRow, median_run, module_class, planned_lanes, profile_compiled, task_describe, task_rows
 
 __all__ = ["main", "find_dot", "DotMissing", "render_dot", "layer_colors", "task_dag_dot", "fx_graph_dot",
            "snapshot_dot", "timeline_svg", "estimate_ms", "Bar", "build_page", "DOT_HELP"]
@@ -395,10 +395,10 @@ def planned_bars(rows: List[TaskRow], durations: Dict[str, float]) -> List[Bar]:
 
 
 def measured_bars(prof: Any, rows: List[TaskRow]) -> List[Bar]:
-    """The last profiled run as it happened: forward tasks on one row, backward autograd nodes on another."""
-    if not prof.runs:
+    """The median profiled run as it happened: forward tasks on one row, backward autograd nodes on another."""
+    run = median_run(prof)
+    if run is None:
         return []
-    run = prof.runs[-1]
     by = {r.name: r for r in rows}
     bars = []
     for name, (s, e) in run.fwd.items():
@@ -479,7 +479,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:22px 0 8px;border-bot
 .sub{color:#555;margin-bottom:12px} .note{color:#555;font-size:13px;margin:4px 0 8px}
 .warn{background:#fff4e5;border:1px solid #f0b45a;padding:8px 10px;border-radius:6px;font-size:13px}
 table{border-collapse:collapse;font-size:13px;background:white} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
-th{background:#f0f0f0} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f0f0f0} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap} td.nw{white-space:nowrap}
 .facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:6px;margin:8px 0 4px}
 .fact{background:white;border:1px solid #ddd;border-radius:6px;padding:6px 10px}
 .fact b{display:block;font-size:18px} .fact span{color:#666;font-size:12px}
@@ -541,8 +541,8 @@ def build_page(meta: Dict[str, Any], facts: List[Tuple[str, str]], snapshots: Se
                  "<th>bwd</th><th>spike rate</th><th>output</th></tr>")
     for r in rows:
         sw = f'<i class="sw" style="background:{colors.get(r.layer, _GRAY)}"></i>'
-        parts.append(f"<tr><td>{e(r.name)}</td><td>{sw}{e(r.layer)}</td><td>{e(r.op)}</td>"
-                     f"<td>{e(_steps_text(r.t0, r.t1))}</td><td class=num>{r.wave}/{r.lane}</td>"
+        parts.append(f"<tr><td>{e(r.name)}</td><td class=nw>{sw}{e(r.layer)}</td><td>{e(r.op)}</td>"
+                     f"<td class=nw>{e(_steps_text(r.t0, r.t1))}</td><td class=num>{r.wave}/{r.lane}</td>"
                      f"<td class=num>{e(_ms(r.fwd_ms) if meta['measured'] else '')}</td>"
                      f"<td class=num>{e(_ms(r.bwd_ms))}</td>"
                      f"<td class=num>{'' if r.spike_rate is None else f'{r.spike_rate:.3f}'}</td>"
@@ -655,8 +655,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "subtitle": f"{type(w.model).__name__}, compiled in the {w.form} form, T={w.T}, batch={w.batch}, "
                             f"{w.dtype}, {w.device}, {torch.get_num_threads()} threads",
                 "timeline_note": "lanes = planned streams (task i of a wave -> stream i); the CPU runtime runs "
-                                 "one stream" + ("; the measured rows show the real serial run (gaps: executor and profiler "
-                                                  "work between tasks)" if measured else "")}
+                                 "one stream" + ("; the measured rows show one real run as it happened, the median of the "
+                                                  "profiled runs (gaps: executor and profiler work between "
+                                                  "tasks)" if measured else "")}
         page = build_page(meta, facts, compiled.snapshots, dag, timeline, pass_dots, rows, colors, dot_ok)
         with open(out, "w", encoding="utf-8") as f:
             f.write(page)
