@@ -208,6 +208,21 @@ def test_prof_json_and_trace(tmp_path, capsys):
     assert any(e.get("cat") == "backward" for e in events)
 
 
+def test_backward_times_belong_to_their_run():
+    """Each profiled run's backward events lie inside its own backward, and every run sees the same nodes:
+    hooks on a parameter's AccumulateGrad (which outlives the graph) must not leak into later runs."""
+    from examples.csnn import StepCSNN
+    from snncc.tools._taskprof import param_storages, profile_compiled
+    model = StepCSNN(size=8)
+    p, _ = profile_compiled(snncc.compile(model, T=3), torch.rand(2, 3, 8, 8) * 4, runs=3, warmup=1,
+                            exclude=param_storages(model))
+    counts = [sum(len(v) for v in r.bwd.values()) for r in p.runs]
+    assert counts[0] > 0 and len(set(counts)) == 1, counts
+    for r in p.runs:
+        end = r.forward_wall + r.backward_wall + 0.05
+        assert all(r.forward_wall <= s <= e <= end for v in r.bwd.values() for s, e, _ in v)
+
+
 @requires_spikingjelly
 def test_prof_compare_all_variants(tmp_path):
     """eager, torch.compile, SpikingJelly's multi-step mode and snncc on a SpikingJelly step model.

@@ -116,14 +116,27 @@ class TaskProfiler(TaskObserver):
         self._t: float = 0.0
         self._claimed: Set[Any] = set()
         self._seen: Set[int] = set()
+        self._handles: List[Any] = []
 
     # ------------------------------------------------------------ run bracketing
     def begin(self) -> RunRecord:
+        self.end()
         self.sync()
         self._run = RunRecord(start=time.perf_counter())
         self._claimed, self._seen, self._current = set(), set(), None
         self.runs.append(self._run)
         return self._run
+
+    def end(self) -> None:
+        """Remove this run's backward hooks (call after its backward).
+
+        NOTE: required, not tidiness: a parameter's AccumulateGrad node outlives the graph, so a hook left on
+        it would fire in every later backward and attribute that time to this run.
+        """
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._claimed = set()
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """saved_tensors_hooks pack: count a storage the first time a task saves it; the tensor is kept as is."""
@@ -197,9 +210,9 @@ class TaskProfiler(TaskObserver):
                 run.bwd.setdefault(name, []).append((t0 - run.start, time.perf_counter() - run.start,
                                                      node_name))
         try:
-            node.register_prehook(pre)
-            node.register_hook(post)
-        except (RuntimeError, AttributeError):      # e.g. AccumulateGrad on some versions: not timed
+            self._handles.append(node.register_prehook(pre))
+            self._handles.append(node.register_hook(post))
+        except (RuntimeError, AttributeError):      # a node type without hooks: not timed
             pass
 
 
@@ -248,6 +261,30 @@ def _loss(out: Any) -> Optional[torch.Tensor]:
     return sum(parts) if parts else None
 
 
+def _profiled_run(cm: Any, x: torch.Tensor, prof: TaskProfiler, rec: RunRecord, backward: bool,
+                  sync: Optional[Callable[[], None]]) -> None:
+    """One forward (+ backward) under the profiler, filling ``rec``'s wall times."""
+    if not backward:
+        with cm.observing(prof), torch.no_grad():
+            cm(x)
+        if sync:
+            sync()
+        rec.forward_wall = time.perf_counter() - rec.start
+        return
+    with cm.observing(prof), torch.autograd.graph.saved_tensors_hooks(prof.pack, prof.unpack):
+        out = cm(x)
+    if sync:
+        sync()
+    rec.forward_wall = time.perf_counter() - rec.start
+    loss = _loss(out)
+    if loss is not None:
+        t0 = time.perf_counter()
+        loss.backward()
+        if sync:
+            sync()
+        rec.backward_wall = time.perf_counter() - t0
+
+
 def profile_compiled(cm: Any, x: torch.Tensor, runs: int, warmup: int, train: bool = True,
                      exclude: Iterable[int] = (), backward: Optional[bool] = None) -> Tuple[TaskProfiler, Any]:
     """Run the compiled module ``warmup + runs`` times under a TaskProfiler; keep the last ``runs`` records.
@@ -264,30 +301,14 @@ def profile_compiled(cm: Any, x: torch.Tensor, runs: int, warmup: int, train: bo
         for p in cm.parameters():
             p.grad = None
         rec = prof.begin()
-        if backward:
-            with cm.observing(prof), torch.autograd.graph.saved_tensors_hooks(prof.pack, prof.unpack):
-                out = cm(x)
-            if sync:
-                sync()
-            rec.forward_wall = time.perf_counter() - rec.start
-            loss = _loss(out)
-            if loss is not None:
-                t0 = time.perf_counter()
-                loss.backward()
-                if sync:
-                    sync()
-                rec.backward_wall = time.perf_counter() - t0
-        else:
-            with cm.observing(prof), torch.no_grad():
-                cm(x)
-            if sync:
-                sync()
-            rec.forward_wall = time.perf_counter() - rec.start
+        try:
+            _profiled_run(cm, x, prof, rec, backward, sync)
+        finally:
+            prof.end()
         if i < warmup:
             prof.runs.pop()
     for p in cm.parameters():
         p.grad = None
-    prof._claimed = set()                 # drop the last run's autograd nodes
     return prof, cm.specialize(x)
 
 
