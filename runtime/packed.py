@@ -23,10 +23,20 @@ def _dense(x: torch.Tensor) -> bool:
     return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
 
+def _c_bits(x: torch.Tensor) -> bool:
+    from . import cpu
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and cpu.compiler_available()
+
+
 def pack_spikes(x: torch.Tensor) -> Optional[torch.Tensor]:
     """``x``'s values in memory order, 8 per byte; None when ``x`` is not all 0/1 or not dense."""
     if not _dense(x):
         return None
+    if _c_bits(x):                    # one pass: pack and check together
+        from . import cpu
+        out = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
+        ok = cpu.bits_library(x.dtype).pack_check(x.data_ptr(), x.numel(), out.data_ptr(), torch.get_num_threads())
+        return out if ok else None
     flat = x.permute(0, 2, 3, 1).reshape(-1) if not x.is_contiguous() else x.reshape(-1)
     b = flat.to(torch.uint8)
     if not torch.equal(b.to(x.dtype), flat):       # a value other than 0 or 1: keep the dense input
@@ -44,8 +54,12 @@ def unpack_spikes(bits: torch.Tensor, shape: Tuple[int, ...], stride: Tuple[int,
     n = 1
     for s in shape:
         n *= s
-    vals = bits.unsqueeze(1).bitwise_and(_bit_weights(bits.device)).ne(0).view(-1)[:n]
     out = torch.empty_strided(shape, stride, dtype=dtype, device=bits.device)
+    if _c_bits(out):
+        from . import cpu
+        cpu.bits_library(dtype).unpack(bits.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+        return out
+    vals = bits.unsqueeze(1).bitwise_and(_bit_weights(bits.device)).ne(0).view(-1)[:n]
     if out.is_contiguous():
         out.view(-1).copy_(vals)
     else:       # channels-last: memory order is N, H, W, C

@@ -242,16 +242,17 @@ def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
     the dtype H is kept in for backward by the C kernel (float16 = ``memory="half"``).
     """
     x0 = x if broadcast else x[0]
+    w = params[0] if spec.kind == "plif" and len(params) == 1 else None
+    v0 = None if state is None else state[0]        # None: the kernels start from the reset value
+    if x.is_cuda and cuda.supports(spec, x, v0, w) and (w is None or w.numel() == 1):
+        from .cuda.launch import cuda_scan       # imports cupy: only when a CUDA scan actually runs
+        spikes, v = cuda_scan(spec, x, K, broadcast, v0, w, pool, h_dtype)
+        return spikes, (v,)
+    if supports(spec, x, v0, w) and (w is None or w.numel() == 1):
+        spikes, v = c_scan(spec, x, K, broadcast, v0, w, pool, h_dtype)
+        return spikes, (v,)
     if state is None:
         state = initial_state(spec, x0)
-    w = params[0] if spec.kind == "plif" and len(params) == 1 else None
-    if x.is_cuda and cuda.supports(spec, x, state[0], w) and (w is None or w.numel() == 1):
-        from .cuda.launch import cuda_scan       # imports cupy: only when a CUDA scan actually runs
-        spikes, v = cuda_scan(spec, x, K, broadcast, state[0], w, pool, h_dtype)
-        return spikes, (v,)
-    if supports(spec, x, state[0], w) and (w is None or w.numel() == 1):
-        spikes, v = c_scan(spec, x, K, broadcast, state[0], w, pool, h_dtype)
-        return spikes, (v,)
     if spec.lif_family and (spec.kind != "plif" or len(params) == 1):
         need_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, state[0], w))

@@ -134,7 +134,11 @@ def test_fusion_off_gives_the_same_result():
 
 # --------------------------------------------------------------------------- packed inputs
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pack_unpack_roundtrip(channels_last):
+@pytest.mark.parametrize("backend", ["c", "reference"])
+def test_pack_unpack_roundtrip(channels_last, backend, monkeypatch):
+    """The C packer and the torch fallback agree on the format (memory order, LSB first)."""
+    if backend == "reference":
+        monkeypatch.setenv("SNNCC_BACKEND", "reference")
     x = (torch.rand(3, 5, 7, 6) > 0.5).float()
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -144,8 +148,12 @@ def test_pack_unpack_roundtrip(channels_last):
     assert torch.equal(x, y) and y.stride() == x.stride()
 
 
-def test_pack_refuses_non_binary_values():
+@pytest.mark.parametrize("backend", ["c", "reference"])
+def test_pack_refuses_non_binary_values(backend, monkeypatch):
+    if backend == "reference":
+        monkeypatch.setenv("SNNCC_BACKEND", "reference")
     assert pack_spikes(torch.tensor([0.0, 1.0, 0.5])) is None
+    assert pack_spikes(torch.tensor([0.0] * 9 + [2.0])) is None
     assert pack_spikes(torch.tensor([[0.0, 1.0], [1.0, 0.0]]).t()) is None     # not dense
 
 

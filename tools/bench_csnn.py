@@ -2,9 +2,11 @@
 
 Variants are interleaved in one process (eager, snncc, eager, snncc, ...), each timed ``--reps`` times per
 round; medians are reported with their ratio. Measures a training step (forward + backward + Adam) and
-inference (eval, no_grad). Optionally ``--torch-compile`` adds ``torch.compile`` of the eager loop.
+inference (eval, no_grad), and the bytes each variant keeps for backward (one forward under
+``torch.autograd.graph.saved_tensors_hooks``, each storage counted once). ``--torch-compile`` adds
+``torch.compile`` of the eager loop; ``snncc-half`` is ``snncc.compile(..., memory="half")``.
 
-    python tools/bench_csnn.py --batch 32 --T 8
+    python tools/bench_csnn.py --batch 32 --T 8 --torch-compile
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ def main(argv: List[str] = None) -> Dict[str, Dict[str, float]]:
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     base = BasicCSNN(T=args.T)
-    variants: Dict[str, nn.Module] = {"eager": copy.deepcopy(base), "snncc": snncc.compile(copy.deepcopy(base))}
+    variants: Dict[str, nn.Module] = {"eager": copy.deepcopy(base), "snncc": snncc.compile(copy.deepcopy(base)),
+                                      "snncc-half": snncc.compile(copy.deepcopy(base), memory="half")}
     if args.torch_compile:
         variants["torch.compile"] = torch.compile(copy.deepcopy(base))
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in variants.items()}
@@ -76,16 +79,37 @@ def main(argv: List[str] = None) -> Dict[str, Dict[str, float]]:
                 for _ in range(args.reps):
                     times[k]["infer"].append(_timed(lambda: m(x)))
     med = {k: {mode: statistics.median(v) for mode, v in d.items()} for k, d in times.items()}
+    for k, m in variants.items():
+        m.train()
+        med[k]["saved_mb"] = saved_bytes(m, x) / 2 ** 20
     print(f"CSNN T={args.T} batch={args.batch} | torch {torch.__version__} | {platform.processor() or platform.machine()}"
           f" | {torch.get_num_threads()} threads | {datetime.date.today()}")
-    print(f"{'variant':<15}{'train ms':>10}{'infer ms':>10}{'train x':>9}{'infer x':>9}")
+    print(f"{'variant':<15}{'train ms':>10}{'infer ms':>10}{'train x':>9}{'infer x':>9}{'saved MB':>10}{'saved /eager':>13}")
     for k, d in med.items():
         print(f"{k:<15}{d['train']:>10.1f}{d['infer']:>10.1f}{med['eager']['train'] / d['train']:>9.2f}"
-              f"{med['eager']['infer'] / d['infer']:>9.2f}")
+              f"{med['eager']['infer'] / d['infer']:>9.2f}{d['saved_mb']:>10.1f}{d['saved_mb'] / med['eager']['saved_mb']:>13.3f}")
+    if "torch.compile" in med:
+        tc = med["torch.compile"]
+        print(f"snncc vs torch.compile: train {tc['train'] / med['snncc']['train']:.2f}x, "
+              f"infer {tc['infer'] / med['snncc']['infer']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"T": args.T, "batch": args.batch, "torch": torch.__version__, "medians_ms": med}, f, indent=1)
+            json.dump({"T": args.T, "batch": args.batch, "torch": torch.__version__, "date": str(datetime.date.today()),
+                       "medians_ms": med}, f, indent=1)
     return med
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward after one forward (each storage once)."""
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
 
 
 if __name__ == "__main__":

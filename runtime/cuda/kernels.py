@@ -47,7 +47,8 @@ def cuda_source(spec: NeuronSpec, dtype: str = "float32", h_dtype: Optional[str]
     plif_args = ", const TX* xs, long long x_stride, const T* v0, double* gk_part" if plif else ""
     p = prefix
     consts = ("const T TAU = (T)tau_, KC = (T)kc_, DEC = (T)(1.0 - 1.0 / tau_), VTH = (T)vth_, VR = (T)vr_; "
-              "(void)TAU; (void)KC; (void)DEC; (void)VR; (void)VTH;")
+              "(void)TAU; (void)KC; (void)DEC; (void)VR; (void)VTH; "
+              f"const T VINIT = {'VR' if spec.v_reset is not None else '(T)0'}; (void)VINIT;")
     fwd_body = f"""const T h = {cg.charge(spec)};
       const T s = h >= VTH ? (T)1 : (T)0;"""
     bwd_body = f"""T gs, gh, gx, d;
@@ -60,7 +61,7 @@ def cuda_source(spec: NeuronSpec, dtype: str = "float32", h_dtype: Optional[str]
         (void)x;
         T vp;
         if (t > 0) {{ const T h = (T)hs[(t - 1) * M + i]; const T s = (T)((bits[(t - 1) * words + (i >> 5)] >> (i & 31)) & 1u); T v; {cg.reset(spec)} vp = v; }}
-        else vp = v0[i];
+        else vp = v0 ? v0[i] : VINIT;
         gk += (double)(gh * {cg.dh_dk(spec)});
       }}""" if plif else ""
     head = ""
@@ -82,7 +83,7 @@ extern "C" __global__ void {p}_scan_fwd(const TX* __restrict__ xs, long long x_s
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const bool active = i < M;
   const long long words = (M + 31) / 32;
-  T v = active ? v0[i] : (T)0;
+  T v = (active && v0) ? v0[i] : VINIT;
   for (long long t = 0; t < K; ++t) {{
     const T x = active ? (T)xs[t * x_stride + i] : (T)0;
     {fwd_body}
@@ -143,7 +144,7 @@ extern "C" __global__ void {p}_pool_fwd(const TX* __restrict__ xs, long long x_s
   for (int e = 0; e < {kk}; ++e) {{
     const long long r = hc * k + e / k, q = wc * k + e % k;
     idx[e] = (r < H && q < W) ? p * H * RW + r * RW + q * C + c : -1;
-    v[e] = idx[e] >= 0 ? v0[idx[e]] : (T)0;
+    v[e] = (idx[e] >= 0 && v0) ? v0[idx[e]] : VINIT;
   }}
   const bool emits = hc < Ho && wc < Wo;
   for (long long t = 0; t < K; ++t) {{

@@ -70,14 +70,16 @@ class _CudaScan(torch.autograd.Function):
                                                           x.is_contiguous(memory_format=torch.channels_last))) else x
         x_step = x if broadcast else x[0]
         sdt = _STATE_DTYPE.get(x.dtype, x.dtype)
-        v0_dtype = v0.dtype
-        v0 = v0.to(sdt).contiguous(memory_format=torch.channels_last) if (
-            x_step.dim() == 4 and not x_step.is_contiguous()) else v0.to(sdt).contiguous()
+        v0_dtype = sdt if v0 is None else v0.dtype
+        cl = x_step.dim() == 4 and not x_step.is_contiguous()
+        if v0 is not None:           # None: the kernels start from the reset value
+            v0 = v0.to(sdt).contiguous(memory_format=torch.channels_last) if cl else v0.to(sdt).contiguous()
         M = x_step.numel()
         words = (M + 31) // 32
         bits = torch.zeros(K * words, dtype=torch.int32, device=x.device) if need_grad else None
         hs = torch.empty((K,) + tuple(x_step.shape), dtype=h_dtype or sdt, device=x.device) if need_grad else None
-        v = torch.empty_like(v0)
+        v = torch.empty(tuple(x_step.shape), dtype=sdt, device=x.device,
+                        memory_format=torch.channels_last if cl else torch.contiguous_format)
         mod = _module(spec, x.dtype, h_dtype, pool or 2)
         consts = _consts(spec, w)
         xs_stride = np.int64(0 if broadcast else M)
@@ -129,10 +131,10 @@ class _CudaScan(torch.autograd.Function):
         if plif and w is not None and ctx.needs_input_grad[8]:
             k = w.detach().sigmoid()
             g_w = (gk.sum().to(w.dtype) * k * (1.0 - k)).reshape(w.shape)
-        return None, None, None, None, None, None, g_x, g_v0.to(ctx.v0_dtype), g_w
+        return None, None, None, None, None, None, g_x, g_v0.to(ctx.v0_dtype) if ctx.needs_input_grad[7] else None, g_w
 
 
-def cuda_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool, v0: torch.Tensor,
+def cuda_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool, v0: Optional[torch.Tensor],
               w: Optional[torch.Tensor] = None, pool: Optional[int] = None,
               h_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The CUDA counterpart of ``runtime.cpu.c_scan`` (same arguments and results)."""
