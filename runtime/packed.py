@@ -38,9 +38,9 @@ def pack_spikes(x: torch.Tensor) -> Optional[torch.Tensor]:
         ok = cpu.bits_library(x.dtype).pack_check(x.data_ptr(), x.numel(), out.data_ptr(), torch.get_num_threads())
         return out if ok else None
     flat = x.permute(0, 2, 3, 1).reshape(-1) if not x.is_contiguous() else x.reshape(-1)
-    b = flat.to(torch.uint8)
-    if not torch.equal(b.to(x.dtype), flat):       # a value other than 0 or 1: keep the dense input
+    if not bool(((flat == 0) | (flat == 1)).all()):     # a value other than 0 or 1: keep the dense input
         return None
+    b = flat.to(torch.uint8)
     n = b.numel()
     pad = (-n) % 8
     if pad:
