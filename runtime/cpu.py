@@ -273,7 +273,7 @@ void pool_fwd(const T* xs, int64_t x_stride, const T* v0, T* out, u8* bits, HT* 
         step_fwd(xs + t * x_stride + start, vb, hb, sb, n, tau_, kc_, vth_, vr_);
         if (hs) {{ HT* ht = hs + t * M + start; for (int64_t i = 0; i < n; ++i) ht[i] = (HT)hb[i]; }}
         if (bits) pack_bits(sb, n, bits + (t * U + u) * UB);
-        if (j < Ho) {{
+        if (out && j < Ho) {{
           T* ot = out + t * Mo + (p * Ho + j) * Wo * C;
           for (int64_t wo = 0; wo < Wo; ++wo)
             for (int64_t c = 0; c < C; ++c) {{
@@ -456,49 +456,63 @@ def pool_geometry(x_step: torch.Tensor, k: int) -> Tuple[int, int, int, int, int
     return P, h, w, C, P * (Ho + (rem > 0))
 
 
+def _forward_kernel(lib: Any, spec: NeuronSpec, x: torch.Tensor, x_step: torch.Tensor, broadcast: bool, K: int,
+                    v0: Optional[torch.Tensor], w: Optional[torch.Tensor], pool: Optional[int], keep: bool,
+                    h_dtype: Optional[torch.dtype], want_out: bool = True):
+    """Run the forward kernel; returns (out, final V, H per step or None, bits or None)."""
+    M = x_step.numel()
+    hs = _steps_like(x_step, K, dtype=h_dtype or x.dtype) if keep else None
+    v = buffers.empty_like(x_step)
+    tau, kc, vth, vr = _consts(spec, w)
+    nt = torch.get_num_threads()
+    x_stride = 0 if broadcast else M
+    if pool is None:
+        units, ub = (M + _BLOCK - 1) // _BLOCK, _BLOCK // 8
+        bits = buffers.empty((K * units * ub,), torch.uint8, x.device) if keep else None
+        out = _steps_like(x_step, K) if want_out else None
+        lib.scan_fwd(x.data_ptr(), x_stride, _p(v0), _p(out), _p(bits), _p(hs), v.data_ptr(),
+                     K, M, tau, kc, vth, vr, nt)
+    else:
+        P, H, W, C, units = pool_geometry(x_step, pool)
+        ub = (pool * W * C + 7) // 8
+        bits = buffers.empty((K * units * ub,), torch.uint8, x.device) if keep else None
+        n, c = x_step.shape[:2]
+        out = _steps_like(x_step, K, (n, c, H // pool, W // pool)) if want_out else None
+        lib.pool_fwd(x.data_ptr(), x_stride, _p(v0), _p(out), _p(bits), _p(hs), v.data_ptr(),
+                     K, P, H, W, C, pool, tau, kc, vth, vr, nt)
+    return out, v, hs, bits
+
+
 class _CScan(torch.autograd.Function):
     """IF/LIF/PLIF scan over K steps with the generated C kernels, optionally with a max-pool epilogue.
 
     Kept for backward (through ``ctx.save_for_backward``): H per step (in ``h_dtype``) and the spikes as
-    packed bits; PLIF also keeps its input and initial V for the weight gradient.
+    packed bits; PLIF also keeps its input and initial V for the weight gradient. With ``recompute``
+    (``memory="min"``) only the input and the chunk's initial V are kept, and backward reruns the forward
+    kernel to get H and the spikes back (bit-identical: the same kernel on the same values).
     """
 
     @staticmethod
     def forward(ctx: Any, spec: NeuronSpec, broadcast: bool, K: int, need_grad: bool,
-                h_dtype: Optional[torch.dtype], pool: Optional[int], x: torch.Tensor, v0: torch.Tensor,
-                w: Optional[torch.Tensor]):
+                h_dtype: Optional[torch.dtype], recompute: bool, pool: Optional[int], x: torch.Tensor,
+                v0: Optional[torch.Tensor], w: Optional[torch.Tensor]):
         x_step = x if broadcast else x[0]
         if not (x_step.is_contiguous() or _channels_last(x_step)):
             x = x.contiguous()
             x_step = x if broadcast else x[0]
         v0 = None if v0 is None else _dense_like(v0, x_step)     # None: the reset state, set by the kernel
-        M = x_step.numel()
-        hs = _steps_like(x_step, K, dtype=h_dtype or x.dtype) if need_grad else None
-        v = buffers.empty_like(x_step)
         lib = _library(kernel_source(spec, x.dtype, h_dtype))
-        tau, kc, vth, vr = _consts(spec, w)
-        nt = torch.get_num_threads()
-        x_stride = 0 if broadcast else M
-        if pool is None:
-            units, ub = (M + _BLOCK - 1) // _BLOCK, _BLOCK // 8
-            bits = buffers.empty((K * units * ub,), torch.uint8, x.device) if need_grad else None
-            out = _steps_like(x_step, K)
-            lib.scan_fwd(x.data_ptr(), x_stride, _p(v0), out.data_ptr(), _p(bits), _p(hs), v.data_ptr(),
-                         K, M, tau, kc, vth, vr, nt)
-        else:
-            P, H, W, C, units = pool_geometry(x_step, pool)
-            ub = (pool * W * C + 7) // 8
-            bits = buffers.empty((K * units * ub,), torch.uint8, x.device) if need_grad else None
-            n, c = x_step.shape[:2]
-            out = _steps_like(x_step, K, (n, c, H // pool, W // pool))
-            lib.pool_fwd(x.data_ptr(), x_stride, _p(v0), out.data_ptr(), _p(bits), _p(hs), v.data_ptr(),
-                         K, P, H, W, C, pool, tau, kc, vth, vr, nt)
+        keep = need_grad and not recompute
+        out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, broadcast, K, v0, w, pool, keep, h_dtype)
         ctx.spec, ctx.broadcast, ctx.K, ctx.h_dtype, ctx.pool = spec, broadcast, K, h_dtype, pool
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.recompute = x.dtype, recompute
         ctx.set_materialize_grads(False)       # an unused final state needs no zero gradient tensor
         if need_grad:
             plif = spec.kind == "plif"
-            ctx.save_for_backward(hs, bits, x if plif else None, v0 if plif else None, w)
+            if recompute:
+                ctx.save_for_backward(None, None, x, v0, w)
+            else:
+                ctx.save_for_backward(hs, bits, x if plif else None, v0 if plif else None, w)
         ctx.out_meta = (tuple(out.shape), out.stride())
         return out, v
 
@@ -506,6 +520,11 @@ class _CScan(torch.autograd.Function):
     def backward(ctx: Any, g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor]):
         hs, bits, x, v0, w = ctx.saved_tensors
         spec, K, pool = ctx.spec, ctx.K, ctx.pool
+        lib = _library(kernel_source(spec, ctx.x_dtype, ctx.h_dtype))
+        if ctx.recompute:
+            x_step = x if ctx.broadcast else x[0]
+            _, _, hs, bits = _forward_kernel(lib, spec, x, x_step, ctx.broadcast, K, v0, w, pool, True,
+                                             ctx.h_dtype, want_out=False)
         h0 = hs[0]
         dtype = ctx.x_dtype
         # the gradient of one step's input: laid out like H (and the input), in the input's dtype
@@ -521,7 +540,6 @@ class _CScan(torch.autograd.Function):
         g_x = g_step if ctx.broadcast else _steps_like(g_step, K)
         g_v0 = buffers.empty_like(g_step)
         M = h0.numel()
-        lib = _library(kernel_source(spec, dtype, ctx.h_dtype))
         tau, kc, vth, vr = _consts(spec, w)
         nt = torch.get_num_threads()
         plif = spec.kind == "plif"
@@ -541,16 +559,17 @@ class _CScan(torch.autograd.Function):
                          int(ctx.broadcast), g_v0.data_ptr(), K, P, H, W, C, pool, tau, kc, vth, vr,
                          float(spec.surrogate.alpha), nt, *extra)
         g_w = None
-        if plif and w is not None and ctx.needs_input_grad[8]:
+        if plif and w is not None and ctx.needs_input_grad[9]:
             k = w.detach().sigmoid()
             g_w = (gk_part.sum().to(w.dtype) * k * (1.0 - k)).reshape(w.shape)
-        return None, None, None, None, None, None, g_x, g_v0 if ctx.needs_input_grad[7] else None, g_w
+        return None, None, None, None, None, None, None, g_x, g_v0 if ctx.needs_input_grad[8] else None, g_w
 
 
 def c_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool, v0: Optional[torch.Tensor],
            w: Optional[torch.Tensor] = None, pool: Optional[int] = None,
-           h_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+           h_dtype: Optional[torch.dtype] = None, recompute: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Spikes ``[K, *S]`` (or, with ``pool=k``, their k x k max-pool ``[K, N, C, H/k, W/k]``) and the final
-    V of an IF/LIF/PLIF layer (``supports`` must hold). ``v0`` None: the reset state."""
+    V of an IF/LIF/PLIF layer (``supports`` must hold). ``v0`` None: the reset state. ``recompute``: keep
+    only the input and initial V for backward (``memory="min"``)."""
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, v0, w))
-    return _CScan.apply(spec, broadcast, K, need_grad, h_dtype, pool, x, v0, w)
+    return _CScan.apply(spec, broadcast, K, need_grad, h_dtype, recompute, pool, x, v0, w)

@@ -252,7 +252,7 @@ class Executor:
         step_dim = xs.dim() - (0 if broadcast else 1)
         k = pool.params[0] if pool is not None and step_dim == 4 else None
         spikes, state = neuron_scan(binding.spec, xs, K, broadcast, run.states.get(task.target), params,
-                                    pool=k, h_dtype=self.h_dtype)
+                                    pool=k, h_dtype=self.h_dtype, recompute=self.options.memory == "min")
         if pool is not None and k is None:        # not 4-d per step: the pool module, step by step
             pm = self.modules[pool.module]
             spikes = torch.stack([pm(s) for s in spikes])

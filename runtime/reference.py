@@ -232,14 +232,15 @@ class _GenericScan(torch.autograd.Function):
 
 def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
                 state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
-                pool: Optional[int] = None, h_dtype: Optional[torch.dtype] = None
+                pool: Optional[int] = None, h_dtype: Optional[torch.dtype] = None, recompute: bool = False
                 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Run a neuron layer over K steps. ``x`` is ``[K, *S]`` (or ``[*S]`` fed at every step when
     ``broadcast``); ``state`` None means the reset state. Returns spikes ``[K, *S]`` and the final state.
 
     ``pool=k``: the spikes' k x k max pool (stride k, no padding) is returned instead, ``[K, N, C, H/k,
     W/k]``: fused into the C kernel when it runs, ``F.max_pool2d`` after the scan otherwise. ``h_dtype``:
-    the dtype H is kept in for backward by the C kernel (float16 = ``memory="half"``).
+    the dtype H is kept in for backward by the C kernel (float16 = ``memory="half"``); ``recompute``: the
+    C kernel keeps only its input and initial V and reruns the forward in backward (``memory="min"``).
     """
     x0 = x if broadcast else x[0]
     w = params[0] if spec.kind == "plif" and len(params) == 1 else None
@@ -249,7 +250,7 @@ def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
         spikes, v = cuda_scan(spec, x, K, broadcast, v0, w, pool, h_dtype)
         return spikes, (v,)
     if supports(spec, x, v0, w) and (w is None or w.numel() == 1):
-        spikes, v = c_scan(spec, x, K, broadcast, v0, w, pool, h_dtype)
+        spikes, v = c_scan(spec, x, K, broadcast, v0, w, pool, h_dtype, recompute)
         return spikes, (v,)
     if state is None:
         state = initial_state(spec, x0)

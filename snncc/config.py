@@ -9,7 +9,8 @@ __all__ = ["Options", "MEMORY_MODES"]
 
 #: default: H kept in the input's dtype (float32), spikes as bits, spike inputs of conv/linear as bits.
 #: half: H kept in float16 for backward (forward and spikes unchanged; gradients to half precision).
-MEMORY_MODES = ("default", "half")
+#: min: neuron kernels keep only their input and initial V; backward reruns the forward scan (exact).
+MEMORY_MODES = ("default", "half", "min")
 
 
 @dataclass(frozen=True)

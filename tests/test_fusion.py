@@ -200,3 +200,28 @@ def test_memory_half_option_validated_and_close():
     gb = torch.autograd.grad(yb.sum(), list(b.parameters()))
     for p, q in zip(ga, gb):
         torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-3)
+
+
+def test_memory_min_recomputes_exactly_and_saves_less():
+    """memory="min": same outputs and the same gradients (bit-for-bit: the forward kernel reruns), less saved."""
+    torch.manual_seed(0)
+    m = ConvPoolNet()
+    x = torch.rand(3, 2, 8, 8) * 3
+    a, b = snncc.compile(copy.deepcopy(m), T=4), snncc.compile(copy.deepcopy(m), T=4, memory="min")
+
+    def run(cm):
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = cm(x)
+        return y, torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(),
+                                      list(cm.parameters())), sum(saved.values())
+    ya, ga, sa = run(a)
+    yb, gb, sb = run(b)
+    assert torch.equal(ya, yb)
+    for p, q in zip(ga, gb):
+        assert torch.equal(p, q)
+    assert sb < sa
