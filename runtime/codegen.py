@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from snncc.neurons import NeuronSpec
 
-__all__ = ["KINDS", "SURROGATES", "supported", "charge", "reset", "bwd_reset", "surrogate", "charge_grads",
+__all__ = ["KINDS", "KINDS2", "SURROGATES", "supported", "charge", "reset", "bwd_reset", "surrogate", "charge_grads",
            "dh_dk", "EXP_FLOAT"]
 
-#: neuron kinds with generated kernels (H affine in V and X, one state variable).
+#: neuron kinds with generated kernels: H affine in V and X with one state variable (both targets)...
 KINDS = ("if", "lif", "plif")
+#: ...and two state variables (C target; their CUDA scans run on the reference backend for now).
+KINDS2 = ("izhikevich", "alif")
 
 #: d spike / d z as C, per surrogate (same formulas as snncc.surrogate.derivative); EXP is the target's exp.
 SURROGATES = {
@@ -55,9 +57,11 @@ static inline float snn_expf(float x) {
 """
 
 
-def supported(spec: NeuronSpec) -> bool:
-    """Whether kernels can be generated for ``spec`` (else: the reference scan)."""
-    return spec.kind in KINDS and not spec.surrogate.opaque and spec.surrogate.name in SURROGATES
+def supported(spec: NeuronSpec, two_state: bool = False) -> bool:
+    """Whether kernels can be generated for ``spec`` (else: the reference scan); ``two_state``: also the
+    Izhikevich and adaptive-LIF kernels (C target)."""
+    kinds = KINDS + KINDS2 if two_state else KINDS
+    return spec.kind in kinds and not spec.surrogate.opaque and spec.surrogate.name in SURROGATES
 
 
 def _reset0(spec: NeuronSpec) -> bool:
@@ -69,7 +73,9 @@ def charge(spec: NeuronSpec) -> str:
     r0 = _reset0(spec)
     if spec.kind == "if":
         return "v + x"
-    if spec.kind == "lif":
+    if spec.kind == "izhikevich":       # same operation order as snncc.neurons.charge
+        return "v + DT * ((T)0.04 * v * v + (T)5 * v + (T)140 - u + x)"
+    if spec.kind in ("lif", "alif"):
         if spec.decay_input:
             return "v + (x - v) / TAU" if r0 else "v + (x - (v - VR)) / TAU"
         return "v * DEC + x" if r0 else "v - (v - VR) / TAU + x"
@@ -102,10 +108,10 @@ def charge_grads(spec: NeuronSpec) -> str:
     r0 = _reset0(spec)
     if spec.kind == "if":
         return "gx = gh; gv = gh;"
-    coef = "/ TAU" if spec.kind == "lif" else "* KC"
+    coef = "/ TAU" if spec.kind in ("lif", "alif") else "* KC"
     if spec.decay_input:
         return f"gx = gh {coef}; gv = gh - gx;"
-    if spec.kind == "lif":
+    if spec.kind in ("lif", "alif"):
         return "gx = gh; gv = gh * DEC;" if r0 else "gx = gh; gv = gh - gh / TAU;"
     return "gx = gh; gv = gh * ((T)1 - KC);" if r0 else "gx = gh; gv = gh - gh * KC;"
 

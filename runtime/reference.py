@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from snncc.neurons import NeuronSpec, charge, fire, initial_state, reset, step
 from snncc.surrogate import derivative
 from . import cuda
-from .cpu import c_scan, supports
+from .cpu import c_scan, c_scan2, supports
 
 __all__ = ["neuron_scan"]
 
@@ -252,6 +252,13 @@ def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
     if supports(spec, x, v0, w) and (w is None or w.numel() == 1):
         spikes, v = c_scan(spec, x, K, broadcast, v0, w, pool, h_dtype, recompute)
         return spikes, (v,)
+    if spec.kind in ("izhikevich", "alif") and supports(spec, x, *(state or ()), two_state=True):
+        spikes, v, u = c_scan2(spec, x, K, broadcast, *(state if state is not None else (None, None)))
+        out2: Tuple[torch.Tensor, ...] = (v, u)
+        if pool is not None:
+            pooled = F.max_pool2d(spikes.flatten(0, 1), pool, pool)
+            spikes = pooled.view(K, spikes.shape[1], *pooled.shape[1:])
+        return spikes, out2
     if state is None:
         state = initial_state(spec, x0)
     if spec.lif_family and (spec.kind != "plif" or len(params) == 1):

@@ -151,3 +151,45 @@ def test_unsupported_specs_fall_back():
     assert not cpu.supports(opaque, torch.zeros(3))
     assert not cpu.supports(NeuronSpec("izhikevich", SurrogateSpec("sigmoid", 4.0)), torch.zeros(3))
     assert not cpu.supports(NeuronSpec("lif", SurrogateSpec("sigmoid", 4.0)), torch.zeros(3, dtype=torch.float16))
+
+
+TWO_STATE = [v for v in itertools.product(["izhikevich", "alif"], [0.0, None], [False, True])]
+
+
+@pytest.mark.parametrize("kind,v_reset,detach_reset", TWO_STATE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_two_state_c_scan_matches_reference(kind, v_reset, detach_reset, dtype, monkeypatch):
+    """Izhikevich and adaptive LIF: identical spikes and states, gradients (input and both initial states)
+    to tolerance, against the reference scan (autograd of snncc.neurons.step)."""
+    import snncc
+    if kind == "izhikevich":
+        m = snncc.neurons.Izhikevich(c=-65.0 if v_reset == 0.0 else -50.0, detach_reset=detach_reset)
+        scale, shift = 40.0, 10.0
+    else:
+        m = snncc.neurons.AdaptiveLIF(v_reset=v_reset, detach_reset=detach_reset)
+        scale, shift = 2.0, 0.5
+    spec = m.spec
+    K = 6
+    torch.manual_seed(0)
+    for broadcast in (False, True):
+        x = (torch.randn(K, 3, 5, 7, dtype=dtype) * scale + shift)
+        x = (x[0] if broadcast else x).detach().requires_grad_(True)
+        v0 = (torch.randn(3, 5, 7, dtype=dtype) + (-60.0 if kind == "izhikevich" else 0.0)).requires_grad_(True)
+        u0 = torch.rand(3, 5, 7, dtype=dtype).requires_grad_(True)
+        g = torch.randn(K, 3, 5, 7, dtype=dtype)
+        res = {}
+        for backend in ("c", "reference"):
+            _use(backend, monkeypatch)
+            assert cpu.supports(spec, x, two_state=True) == (backend == "c")
+            for state in ((v0, u0), None):
+                s, st = neuron_scan(spec, x, K, broadcast, state, ())
+                wrt = (x, v0, u0) if state is not None else (x,)
+                grads = torch.autograd.grad((s * g).sum() + st[0].sum() + 0.5 * st[1].sum(), wrt)
+                res[(backend, state is None)] = (s, st, grads)
+        for fresh in (False, True):
+            (s1, st1, g1), (s2, st2, g2) = res[("c", fresh)], res[("reference", fresh)]
+            assert 0 < s2.mean() < 1
+            assert torch.equal(s1, s2)
+            assert torch.equal(st1[0], st2[0]) and torch.equal(st1[1], st2[1])
+            for a, b in zip(g1, g2):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
