@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from typing import List, Set
 
@@ -22,7 +21,7 @@ import snncc
 from snncc.tools import prof, viz
 from snncc.tools._loader import ModelSpecError, build_model, load_factory, parse_shape
 
-from conftest import HAS_SPIKINGJELLY, requires_spikingjelly
+from conftest import requires_spikingjelly
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSNN = os.path.join(ROOT, "examples", "csnn.py")

@@ -19,10 +19,8 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
-import os
 import platform
 import statistics
 import sys
@@ -131,8 +129,13 @@ def _spikingjelly_variant(w: Workload, x: torch.Tensor) -> Variant:
                                                "mode needs a step model (use the static or --sequence form)")
     import logging
     from spikingjelly.activation_based import functional
-    logging.getLogger().setLevel(logging.ERROR)          # set_step_mode warns about wrapped plain layers
-    m = _to_multistep(w.copy_model())
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)                 # set_step_mode warns about every plain layer it sees
+    try:
+        m = _to_multistep(w.copy_model())
+    finally:
+        root_logger.setLevel(level)
     T, form = w.T, w.form
 
     def run(xx: torch.Tensor) -> Any:

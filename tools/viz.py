@@ -45,7 +45,7 @@ from torch import nn
 
 import snncc
 
-from ._loader import ModelSpecError, Workload, add_workload_args, workload_from_args
+from ._loader import ModelSpecError, add_workload_args, workload_from_args
 from ._taskprof import TaskRow, median_run, module_class, planned_lanes, profile_compiled, task_describe, task_rows
 
 __all__ = ["main", "find_dot", "DotMissing", "render_dot", "layer_colors", "task_dag_dot", "fx_graph_dot",
@@ -73,8 +73,8 @@ class DotMissing(RuntimeError):
 
 
 def find_dot() -> Optional[str]:
-    """Path of graphviz's ``dot`` (``$SNNCC_DOT`` overrides), or None."""
-    return os.environ.get("SNNCC_DOT") or shutil.which("dot")
+    """Path of graphviz's ``dot`` (``$SNNCC_DOT`` names another binary), or None when it is not there."""
+    return shutil.which(os.environ.get("SNNCC_DOT") or "dot")
 
 
 def render_dot(src: str, fmt: str = "svg", timeout: float = 60.0) -> bytes:
