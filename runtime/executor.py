@@ -18,6 +18,7 @@ from snncc.config import Options
 from snncc.errors import InputError, SNNCCError, TaskFailure
 from snncc.frontend import Traced, reset_module
 from snncc.ir import Ref, Schedule, SliceConst, Steps, Task, TaskGraph
+from .batchnorm import batch_norm_steps
 from .packed import packed_conv, packed_linear
 from .reference import neuron_scan
 
@@ -183,10 +184,15 @@ class Executor:
         m = self.modules[task.target]
         if task.batched and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             # NOTE: step mode normalizes each step with its own batch statistics and updates the running
-            # statistics once per step: run the module per step (exactly eager's arithmetic and updates).
+            # statistics once per step: batch_norm_steps does exactly that for the K steps in one op.
             x = self._value(run, task.args[0])
-            return torch.cat([m(xs) for xs in x.chunk(len(task.nodes))]) if isinstance(x, torch.Tensor) \
-                else self._call(task, run, m)
+            if not isinstance(x, torch.Tensor):
+                return self._call(task, run, m)
+            K = len(task.nodes)
+            if x.dim() >= 2 and _module_rank(m) in (None, x.dim()) and x.dim() >= 2:
+                x5 = x.view(K, x.shape[0] // K, *x.shape[1:])
+                return batch_norm_steps(x5, m).view(x.shape)
+            return torch.cat([m(xs) for xs in x.chunk(K)])
         rank = _module_rank(m)
         if task.spike_input or task.fused:
             return self._conv_like(task, run, m, rank)

@@ -225,3 +225,32 @@ def test_memory_min_recomputes_exactly_and_saves_less():
     for p, q in zip(ga, gb):
         assert torch.equal(p, q)
     assert sb < sa
+
+
+# --------------------------------------------------------------------------- training BatchNorm over steps
+@pytest.mark.parametrize("bn_cls,shape", [(nn.BatchNorm2d, (3, 4, 5, 6)), (nn.BatchNorm1d, (5, 4)),
+                                          (nn.BatchNorm1d, (5, 4, 7))])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_steps_equals_per_step_module(bn_cls, shape, momentum, affine):
+    """One op over K steps == K eager calls: outputs, input/weight/bias gradients, running stats."""
+    from snncc.runtime.batchnorm import batch_norm_steps
+    torch.manual_seed(0)
+    K = 4
+    a = bn_cls(shape[1], momentum=momentum, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            a.weight.uniform_(0.5, 1.5)
+            a.bias.uniform_(-0.5, 0.5)
+    b = copy.deepcopy(a)
+    x = (torch.randn(K, *shape, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    g = torch.randn(K, *shape, dtype=torch.float64)
+    y1 = torch.stack([a(x[t]) for t in range(K)])
+    y2 = batch_norm_steps(x, b)
+    torch.testing.assert_close(y1, y2)
+    p1 = [x] + list(a.parameters())
+    p2 = [x] + list(b.parameters())
+    for u, v in zip(torch.autograd.grad((y1 * g).sum(), p1), torch.autograd.grad((y2 * g).sum(), p2)):
+        torch.testing.assert_close(u, v)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name))
