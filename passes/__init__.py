@@ -9,7 +9,8 @@ from .batch_over_time import Group, batch_over_time
 from .build_task_graph import build_task_graph
 from .fuse_conv_bn_neuron import fuse_conv_bn_neuron
 from .insert_bitpack import insert_bitpack
-from .schedule_layer_major import schedule_layer_major
+from .schedule_layer_major import schedule_layer_major, schedule_wavefront
 
 __all__ = ["hoist_time_invariant", "tag_timesteps", "NodeTag", "batch_over_time", "Group",
-           "build_task_graph", "fuse_conv_bn_neuron", "insert_bitpack", "schedule_layer_major"]
+           "build_task_graph", "fuse_conv_bn_neuron", "insert_bitpack", "schedule_layer_major",
+           "schedule_wavefront"]

@@ -152,9 +152,30 @@ def _group_graph(traced: Traced, groups: List[Group]) -> nx.DiGraph:
     return gg
 
 
-def batch_over_time(traced: Traced, tags: Dict[str, NodeTag]) -> List[Group]:
-    """Groups in program order, split until the group graph is a DAG (see the module docstring)."""
-    groups = _initial_groups(traced, tags)
+def _chunked(groups: List[Group], chunk: Optional[int]) -> List[Group]:
+    """Groups of more than ``chunk`` steps split into consecutive chunks (tasks = (layer, time-chunk))."""
+    if chunk is None:
+        return groups
+    out: List[Group] = []
+    for g in groups:
+        if g.kind == "single" or len(g.nodes) <= chunk:
+            out.append(g)
+            continue
+        for i in range(0, len(g.nodes), chunk):
+            part = g.nodes[i:i + chunk]
+            out.append(Group(g.layer, part, g.kind if len(part) > 1 or g.kind == "scan" else "single", g.target))
+    return out
+
+
+def batch_over_time(traced: Traced, tags: Dict[str, NodeTag], chunk: Optional[int] = None) -> List[Group]:
+    """Groups in program order, split until the group graph is a DAG (see the module docstring).
+
+    ``chunk``: at most this many timesteps per group (None: all T), so a layer becomes T/chunk tasks that
+    a wavefront schedule can overlap with the next layer's earlier chunks.
+    """
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"batch_over_time: chunk must be >= 1, got {chunk}")
+    groups = _chunked(_initial_groups(traced, tags), chunk)
     while True:
         gg = _group_graph(traced, groups)
         cyclic = {i for comp in nx.strongly_connected_components(gg) if len(comp) > 1 for i in comp}

@@ -166,7 +166,7 @@ def _check_loops(traced, model: nn.Module) -> None:
 
 def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False,
             leaf_modules: Iterable[Type[nn.Module]] = (), verify: bool = False, memory: str = "default",
-            fuse: bool = True, bitpack: bool = True) -> CompiledModule:
+            fuse: bool = True, bitpack: bool = True, chunk: Optional[int] = None) -> CompiledModule:
     """Compile a spiking model.
 
     * ``compile(step_model, T=8)``: the model runs one timestep per call; the input ``[N, ...]`` is fed at
@@ -184,7 +184,7 @@ def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False
     if T is not None and sequence:
         raise InputError("snncc.compile: pass either T= (a static input fed at every step) or sequence=True "
                          "(T read from the input's first dimension), not both")
-    options = Options(fuse=bool(fuse), bitpack=bool(bitpack), memory=memory)
+    options = Options(fuse=bool(fuse), bitpack=bool(bitpack), memory=memory, chunk=chunk)
     leaf = tuple(leaf_modules)
     for cls in leaf:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .errors import InputError
 
@@ -16,12 +17,18 @@ MEMORY_MODES = ("default", "half", "min")
 @dataclass(frozen=True)
 class Options:
     """``fuse``: run the fusion passes (max pool into the neuron kernel, eval BatchNorm into the conv).
-    ``bitpack``: keep spike inputs of conv/linear layers as bits for backward. ``memory``: MEMORY_MODES."""
+    ``bitpack``: keep spike inputs of conv/linear layers as bits for backward. ``memory``: MEMORY_MODES.
+    ``chunk``: timesteps per task (None: all T, layer-major); smaller chunks give a wavefront schedule."""
 
     fuse: bool = True
     bitpack: bool = True
     memory: str = "default"
+    chunk: Optional[int] = None     # timesteps per task; None = all T (layer-major)
 
     def __post_init__(self) -> None:
+        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int)
+                                       or self.chunk < 1):
+            raise InputError(f"snncc.compile: chunk must be a positive int (timesteps per task) or None, "
+                             f"got {self.chunk!r}")
         if self.memory not in MEMORY_MODES:
             raise InputError(f"snncc.compile: memory must be one of {MEMORY_MODES}, got {self.memory!r}")

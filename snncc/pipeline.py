@@ -87,7 +87,7 @@ def compile_graph(traced: Traced, verify: bool = False, options: Options = Optio
                                             "layers": len({t.layer for t in tags.values()})},
                           _fx_graph(traced.graph, tags)))
     # 3. Batch: the T copies of a stateless op become one op over [T*N, ...]; a neuron's calls one scan.
-    groups = passes.batch_over_time(traced, tags)
+    groups = passes.batch_over_time(traced, tags, options.chunk)
     snaps.append(Snapshot("batch_over_time", {"groups": len(groups),
                                               "batched": sum(g.kind != "single" for g in groups)},
                           _fx_graph(traced.graph, tags, groups)))
@@ -110,14 +110,16 @@ def compile_graph(traced: Traced, verify: bool = False, options: Options = Optio
             verify_task_graph(tg, "insert_bitpack")
         snaps.append(Snapshot("insert_bitpack", {"packed_inputs": sum(t.spike_input for t in tg.tasks())},
                               tg.graph.copy()))
-    # 7. Schedule: layer-major order (one chunk K = T per layer) and its independent waves.
-    schedule = passes.schedule_layer_major(tg)
+    # 7. Schedule: layer-major (one chunk K = T per layer) or, with chunks, wavefront; plus the waves.
+    chunked = options.chunk is not None and any(
+        t.batched and t.t0 is not None and t.t0 > 0 for t in tg.tasks())
+    schedule = passes.schedule_wavefront(tg) if chunked else passes.schedule_layer_major(tg)
     if verify:
         verify_schedule(tg, schedule)
     waved = tg.graph.copy()
     for i, wave in enumerate(schedule.waves):
         for name in wave:
             waved.nodes[name]["wave"] = i
-    snaps.append(Snapshot("schedule_layer_major", {"tasks": len(schedule.order), "waves": len(schedule.waves)},
+    snaps.append(Snapshot(f"schedule_{schedule.policy}", {"tasks": len(schedule.order), "waves": len(schedule.waves)},
                           waved))
     return Compiled(traced, tg, schedule, snaps)

@@ -254,3 +254,42 @@ def test_batch_norm_steps_equals_per_step_module(bn_cls, shape, momentum, affine
         torch.testing.assert_close(u, v)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name))
+
+
+# --------------------------------------------------------------------------- chunks and the wavefront
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("train", [True, False])
+def test_chunked_wavefront_matches_eager(chunk, train):
+    """(layer, time-chunk) tasks with state edges between chunks, run wave by wave: still compiled == eager."""
+    x = torch.rand(3, 2, 8, 8) * 3
+    torch.manual_seed(0)
+    model = ConvPoolNet(bn=True).double().train(train)
+    ref = copy.deepcopy(model)
+    cm = snncc.compile(model, T=5, chunk=chunk, verify=True)
+    y = cm(x.double())
+    from conftest import eager_run
+    y_ref = eager_run(ref, x.double(), T=5)
+    assert torch.equal(y, y_ref)
+    if train:
+        g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)
+        for p, q in zip(torch.autograd.grad((y * g).sum(), list(cm.parameters())),
+                        torch.autograd.grad((y_ref * g).sum(), list(ref.parameters()))):
+            torch.testing.assert_close(p, q)
+        for name, buf in model.named_buffers():
+            torch.testing.assert_close(buf, dict(ref.named_buffers())[name])
+    c = cm.specialize(x.double())
+    assert c.schedule.policy == "wavefront"
+    n1 = sorted((t for t in c.task_graph.tasks() if t.target == "n1"), key=lambda t: t.t0)
+    assert [(t.t0, t.t1) for t in n1] == [(i, min(i + chunk, 5)) for i in range(0, 5, chunk)]
+    wave = {n: i for i, w in enumerate(c.schedule.waves) for n in w}
+    n2 = sorted((t for t in c.task_graph.tasks() if t.target == "n2"), key=lambda t: t.t0)
+    # anti-diagonal: chunk c of layer 2 runs in a later wave than chunk c of layer 1, and chunk c+1 of
+    # layer 1 may run beside chunk c of layer 2
+    assert all(wave[a.name] < wave[b.name] for a, b in zip(n1, n2))
+    if len(n1) > 1:
+        assert any(wave[n1[i + 1].name] <= wave[n2[i].name] for i in range(len(n1) - 1))
+
+
+def test_chunk_option_validated():
+    with pytest.raises(snncc.errors.InputError, match="chunk"):
+        snncc.compile(ConvPoolNet(), T=2, chunk=0)
