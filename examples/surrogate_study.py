@@ -194,13 +194,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--out", default=".", help="directory for the plot (default: current directory)")
     ap.add_argument("--plot", default=None, help="plot file (default: <out>/surrogate_study.png)")
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke test: 2 epochs, T=4, 448 training / 150 test samples, batch 32")
+                    help="a smoke test: 2 epochs, T=4, 256 training / 100 test samples, batch 32")
     args = ap.parse_args(argv)
     if args.quick:
         args.epochs = 2 if args.epochs is None else args.epochs
         args.T, args.batch = 4, 32
-        args.train_size = args.train_size or 448
-        args.test_size = args.test_size or 150
+        args.train_size = args.train_size or 256
+        args.test_size = args.test_size or 100
     if args.epochs is None:
         args.epochs = 10 if args.data == "cifar10" else 5
     if args.lr is None:
