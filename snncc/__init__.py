@@ -4,11 +4,11 @@
 
 ``import snncc`` imports neither cupy, spikingjelly nor snntorch.
 """
-from . import neurons, surrogate
+from . import data, losses, neurons, surrogate
 from .compiled import CompiledModule, compile, reset
 from .errors import InputError, SNNCCError, TaskFailure, TraceFailure
 from .neurons import IF, LIF, AdaptiveLIF, Izhikevich, ParametricLIF
 
 __version__ = "0.1.0"
-__all__ = ["compile", "reset", "CompiledModule", "neurons", "surrogate", "IF", "LIF", "ParametricLIF",
+__all__ = ["compile", "reset", "CompiledModule", "neurons", "surrogate", "losses", "data", "IF", "LIF", "ParametricLIF",
            "Izhikevich", "AdaptiveLIF", "SNNCCError", "TraceFailure", "InputError", "TaskFailure"]
