@@ -283,11 +283,16 @@ class Executor:
             if name not in self.traced.bindings:
                 reset_module(m)
 
-    def run(self, inputs: Sequence[Any], observer: Optional[TaskObserver] = None) -> Any:
+    def run(self, inputs: Sequence[Any], observer: Optional[TaskObserver] = None,
+            states: Optional[Dict[str, Tuple[torch.Tensor, ...]]] = None) -> Any:
+        """Run the schedule on ``inputs``. ``states`` None: from the reset state (every compiled call);
+        otherwise each neuron layer starts from ``states[qualname]`` (streaming inference), opaque stateful
+        modules keep the state they have, and the final states are left in ``self.final_states``."""
         if len(inputs) != len(self.placeholders):
             raise InputError(f"compiled model takes {len(self.placeholders)} input(s), got {len(inputs)}")
-        self.reset_state()
-        run = _Run({"__inputs__": tuple(inputs)}, {}, {})
+        if states is None:
+            self.reset_state()
+        run = _Run({"__inputs__": tuple(inputs)}, {}, dict(states or {}))
         for task in self.tasks:
             try:
                 if observer is not None:
@@ -299,6 +304,7 @@ class Executor:
                 raise
             except Exception as exc:
                 raise self._failure(task, run, exc) from exc
+        self.final_states = run.states
         return run.env[self.tg.output]
 
     def _failure(self, task: Task, run: _Run, exc: BaseException) -> TaskFailure:

@@ -5,7 +5,7 @@
 ``import snncc`` imports neither cupy, spikingjelly nor snntorch.
 """
 from . import data, losses, neurons, surrogate
-from .compiled import CompiledModule, compile, reset
+from .compiled import CompiledModule, Stream, compile, reset
 from .errors import InputError, SNNCCError, TaskFailure, TraceFailure
 from .neurons import IF, LIF, AdaptiveLIF, Izhikevich, ParametricLIF
 

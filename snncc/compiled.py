@@ -16,7 +16,7 @@ from .pipeline import Compiled, compile_graph
 from snncc.runtime import Executor
 from snncc.runtime.executor import TaskObserver
 
-__all__ = ["compile", "CompiledModule", "reset"]
+__all__ = ["compile", "CompiledModule", "Stream", "reset"]
 
 _CACHE_SIZE = 8
 
@@ -143,8 +143,59 @@ class CompiledModule(nn.Module):
             raise InputError(f"compiled models take positional inputs only; got keyword(s) {sorted(kwargs)}")
         return self._specialization(args)[1].run(args, self._snncc_observer)
 
+    def stream(self) -> "Stream":
+        """A streaming session: feed timesteps one at a time or in chunks, the state carried between calls.
+
+            stream = cmodel.stream()
+            y_t = stream(x_t)              # one step: x_t [N, ...] -> y_t [N, ...]
+            y_c = stream.feed(x_chunk)     # several: [k, N, ...] -> [k, N, ...]
+
+        Memory is bounded by the chunk (nothing is kept across calls but the neurons' state). The session
+        starts from the reset state; ``stream.reset()`` starts over. Runs under ``no_grad`` (inference).
+        """
+        if self.form == "loop":
+            raise InputError("stream(): this model loops over time itself; streaming needs a step model "
+                             "(compile it with T= or sequence=True)")
+        return Stream(self)
+
     def extra_repr(self) -> str:
         return f"form={self.form}, T={self.T}"
+
+
+class Stream:
+    """Streaming inference over a compiled step model (see :meth:`CompiledModule.stream`)."""
+
+    def __init__(self, cmodel: CompiledModule) -> None:
+        self._seq = CompiledModule(cmodel.model, "sequence", None, cmodel.leaf_modules, cmodel.verify,
+                                   cmodel.options)
+        self._states: Optional[dict] = None
+        self.steps = 0
+
+    def reset(self) -> None:
+        """Forget the state: the next call starts from the reset state."""
+        self._states = None
+        self.steps = 0
+
+    def feed(self, x_chunk: torch.Tensor) -> torch.Tensor:
+        """Run ``k`` more timesteps: ``x_chunk`` ``[k, N, ...]`` -> ``[k, N, ...]``."""
+        if not isinstance(x_chunk, torch.Tensor) or x_chunk.dim() < 2:
+            raise InputError(f"Stream.feed expects a chunk [k, N, ...]; got "
+                             f"{tuple(x_chunk.shape) if isinstance(x_chunk, torch.Tensor) else type(x_chunk).__name__}."
+                             " For one step [N, ...] call the stream itself: stream(x_t)")
+        with torch.no_grad():
+            _, ex = self._seq._specialization((x_chunk,))
+            if self._states is None:
+                ex.reset_state()
+            out = ex.run((x_chunk,), None, {} if self._states is None else self._states)
+            self._states = dict(ex.final_states)
+        self.steps += x_chunk.shape[0]
+        return out
+
+    def __call__(self, x_t: torch.Tensor) -> torch.Tensor:
+        """One timestep: ``x_t`` ``[N, ...]`` -> ``[N, ...]``."""
+        if not isinstance(x_t, torch.Tensor):
+            raise InputError(f"stream(x_t) expects a tensor [N, ...], got {type(x_t).__name__}")
+        return self.feed(x_t.unsqueeze(0))[0]
 
 
 def _check_loops(traced, model: nn.Module) -> None:

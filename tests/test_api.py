@@ -685,3 +685,56 @@ def test_observing_sees_every_task_in_schedule_order():
     seen = len(log.events)
     cm(x)                                  # outside the block: not observed
     assert seen == len(log.events) == 2 * len(order)
+
+
+# --------------------------------------------------------------------------- streaming inference
+class _StreamNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.n1 = snncc.neurons.LIF(v_threshold=0.5)
+        self.fc2 = nn.Linear(8, 3)
+        self.n2 = snncc.neurons.Izhikevich()
+        with torch.no_grad():
+            self.fc1.weight.mul_(3)
+
+    def forward(self, x):
+        return self.n2(self.fc2(self.n1(self.fc1(x))) * 20)
+
+
+@pytest.mark.parametrize("pattern", [[1] * 7, [3, 1, 3], [7], [2, 5]])
+def test_stream_equals_one_long_eager_run(pattern):
+    """Chunks of any sizes, state carried between calls: the same outputs as the eager step loop."""
+    torch.manual_seed(0)
+    model = _StreamNet().double().eval()
+    x = torch.randn(7, 4, 6, dtype=torch.float64)
+    ref = eager_run(copy.deepcopy(model), x, sequence=True)
+    stream = snncc.compile(model, T=7).stream()
+    outs, t = [], 0
+    for k in pattern:
+        if k == 1:
+            outs.append(stream(x[t]).unsqueeze(0))
+        else:
+            outs.append(stream.feed(x[t:t + k]))
+        t += k
+    y = torch.cat(outs)
+    assert stream.steps == 7
+    assert 0 < ref.mean() < 1, "the output neurons must spike sometimes (or the test says little)"
+    assert torch.equal(y, ref)
+    stream.reset()
+    assert torch.equal(stream.feed(x), ref)          # starts over from the reset state
+
+
+def test_stream_errors_are_clear():
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n = snncc.neurons.LIF()
+
+        def forward(self, x):
+            return torch.stack([self.n(x) for _ in range(2)])
+    with pytest.raises(snncc.errors.InputError, match="loops over time"):
+        snncc.compile(Loop()).stream()
+    stream = snncc.compile(_StreamNet(), T=2).stream()
+    with pytest.raises(snncc.errors.InputError, match="chunk"):
+        stream.feed(torch.randn(6))
