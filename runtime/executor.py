@@ -19,6 +19,7 @@ from snncc.errors import InputError, SNNCCError, TaskFailure
 from snncc.frontend import Traced, reset_module
 from snncc.ir import Ref, Schedule, SliceConst, Steps, Task, TaskGraph
 from .batchnorm import batch_norm_steps
+from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
 from .reference import neuron_scan
 
@@ -92,6 +93,8 @@ class Executor:
                  options: Options = Options()) -> None:
         self.traced, self.tg, self.options = traced, tg, options
         self.h_dtype = torch.float16 if options.memory == "half" else None
+        self.plan: Optional[StreamPlan] = None
+        self.backend: Any = None
         # NOTE: a layout choice only; values are the same up to float rounding of the convolution.
         self.channels_last = channels_last
         self.tasks: List[Task] = [tg.task(n) for n in schedule.order]
@@ -283,6 +286,28 @@ class Executor:
             if name not in self.traced.bindings:
                 reset_module(m)
 
+    def use_streams(self, plan: Optional[StreamPlan], backend: Any = None) -> None:
+        """Run the tasks on the plan's streams through ``backend`` (``streams.CudaBackend`` on a GPU,
+        ``streams.NullBackend`` to record and test); None: one stream, in schedule order."""
+        self.plan, self.backend = plan, backend
+
+    def _on_stream(self, task: Task, run: _Run) -> Any:
+        plan, be = self.plan, self.backend
+        s = plan.stream_of[task.name]
+        for u in plan.waits[task.name]:
+            be.wait(s, u)
+        be.consumed(s, [run.env[u] for u in self.tg.graph.predecessors(task.name)
+                        if plan.stream_of[u] != s and u in run.env])
+        ctx = be.launch(s, task.name)
+        if ctx is None:
+            value = self.handlers[task.kind](task, run)
+        else:
+            with ctx:
+                value = self.handlers[task.kind](task, run)
+        if task.name in plan.record:
+            be.record(s, task.name)
+        return value
+
     def run(self, inputs: Sequence[Any], observer: Optional[TaskObserver] = None,
             states: Optional[Dict[str, Tuple[torch.Tensor, ...]]] = None) -> Any:
         """Run the schedule on ``inputs``. ``states`` None: from the reset state (every compiled call);
@@ -297,7 +322,8 @@ class Executor:
             try:
                 if observer is not None:
                     observer.before(task)
-                run.env[task.name] = self.handlers[task.kind](task, run)
+                run.env[task.name] = self.handlers[task.kind](task, run) if self.plan is None \
+                    else self._on_stream(task, run)
                 if observer is not None:
                     observer.after(task, run.env[task.name])
             except SNNCCError:
@@ -305,6 +331,8 @@ class Executor:
             except Exception as exc:
                 raise self._failure(task, run, exc) from exc
         self.final_states = run.states
+        if self.plan is not None:
+            self.backend.join()
         return run.env[self.tg.output]
 
     def _failure(self, task: Task, run: _Run, exc: BaseException) -> TaskFailure:

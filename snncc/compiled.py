@@ -122,7 +122,13 @@ class CompiledModule(nn.Module):
         if self.form == "loop":
             _check_loops(traced, self._snncc_model)
         compiled = compile_graph(traced, verify=self.verify, options=self.options)
-        cache[key] = (compiled, Executor(traced, compiled.task_graph, compiled.schedule, options=self.options))
+        executor = Executor(traced, compiled.task_graph, compiled.schedule, options=self.options)
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if self.options.streams > 1 and device is not None and device.type == "cuda":
+            from snncc.runtime.streams import CudaBackend, plan_streams
+            plan = plan_streams(compiled.task_graph, compiled.schedule, self.options.streams)
+            executor.use_streams(plan, CudaBackend(self.options.streams, device))
+        cache[key] = (compiled, executor)
         if len(cache) > _CACHE_SIZE:
             cache.popitem(last=False)
         return cache[key]
@@ -217,7 +223,8 @@ def _check_loops(traced, model: nn.Module) -> None:
 
 def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False,
             leaf_modules: Iterable[Type[nn.Module]] = (), verify: bool = False, memory: str = "default",
-            fuse: bool = True, bitpack: bool = True, chunk: Optional[int] = None) -> CompiledModule:
+            fuse: bool = True, bitpack: bool = True, chunk: Optional[int] = None,
+            streams: int = 1) -> CompiledModule:
     """Compile a spiking model.
 
     * ``compile(step_model, T=8)``: the model runs one timestep per call; the input ``[N, ...]`` is fed at
@@ -235,7 +242,7 @@ def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False
     if T is not None and sequence:
         raise InputError("snncc.compile: pass either T= (a static input fed at every step) or sequence=True "
                          "(T read from the input's first dimension), not both")
-    options = Options(fuse=bool(fuse), bitpack=bool(bitpack), memory=memory, chunk=chunk)
+    options = Options(fuse=bool(fuse), bitpack=bool(bitpack), memory=memory, chunk=chunk, streams=streams)
     leaf = tuple(leaf_modules)
     for cls in leaf:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):

@@ -18,17 +18,21 @@ MEMORY_MODES = ("default", "half", "min")
 class Options:
     """``fuse``: run the fusion passes (max pool into the neuron kernel, eval BatchNorm into the conv).
     ``bitpack``: keep spike inputs of conv/linear layers as bits for backward. ``memory``: MEMORY_MODES.
-    ``chunk``: timesteps per task (None: all T, layer-major); smaller chunks give a wavefront schedule."""
+    ``chunk``: timesteps per task (None: all T, layer-major); smaller chunks give a wavefront schedule.
+    ``streams``: on CUDA, the waves' tasks are spread over this many streams (runtime/streams.py)."""
 
     fuse: bool = True
     bitpack: bool = True
     memory: str = "default"
     chunk: Optional[int] = None     # timesteps per task; None = all T (layer-major)
+    streams: int = 1                # CUDA streams the waves are spread over (CPU: always one)
 
     def __post_init__(self) -> None:
         if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int)
                                        or self.chunk < 1):
             raise InputError(f"snncc.compile: chunk must be a positive int (timesteps per task) or None, "
                              f"got {self.chunk!r}")
+        if isinstance(self.streams, bool) or not isinstance(self.streams, int) or self.streams < 1:
+            raise InputError(f"snncc.compile: streams must be a positive int, got {self.streams!r}")
         if self.memory not in MEMORY_MODES:
             raise InputError(f"snncc.compile: memory must be one of {MEMORY_MODES}, got {self.memory!r}")
