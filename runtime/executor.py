@@ -219,8 +219,8 @@ class Executor:
                 return packed_linear(m, x) if pack else nn.functional.linear(x, w, b)
             if cl:
                 x = _to_channels_last(x)
-            if pack and m.padding_mode == "zeros":
-                return packed_conv(m, x, w, b)
+            if task.spike_input and m.padding_mode == "zeros" and (pack or x.device.type == "cpu"):
+                return packed_conv(m, x, w, b)      # bits for backward; spike-driven forward on CPU
             return m._conv_forward(x, w, b)
         return self._call(task, run, fn, None if rank is None else
                           (lambda args: isinstance(args[0], torch.Tensor) and args[0].dim() == rank))

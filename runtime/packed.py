@@ -8,10 +8,13 @@ input is kept instead, so the result is exact either way.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from . import buffers
 
 __all__ = ["pack_spikes", "unpack_spikes", "packed_conv", "packed_linear"]
 
@@ -30,13 +33,24 @@ def _c_bits(x: torch.Tensor) -> bool:
 
 def pack_spikes(x: torch.Tensor) -> Optional[torch.Tensor]:
     """``x``'s values in memory order, 8 per byte; None when ``x`` is not all 0/1 or not dense."""
+    return pack_count(x)[0]
+
+
+def pack_count(x: torch.Tensor) -> Tuple[Optional[torch.Tensor], int]:
+    """(``pack_spikes(x)``, number of ones); (None, -1) when ``x`` is not all 0/1 or not dense."""
     if not _dense(x):
-        return None
-    if _c_bits(x):                    # one pass: pack and check together
+        return None, -1
+    if _c_bits(x):                    # one pass: pack, check and count together
         from . import cpu
         out = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
-        ok = cpu.bits_library(x.dtype).pack_check(x.data_ptr(), x.numel(), out.data_ptr(), torch.get_num_threads())
-        return out if ok else None
+        ones = cpu.bits_library(x.dtype).pack_check(x.data_ptr(), x.numel(), out.data_ptr(),
+                                                     torch.get_num_threads())
+        return (out, int(ones)) if ones >= 0 else (None, -1)
+    bits = _pack_torch(x)
+    return (bits, int(x.sum().item())) if bits is not None else (None, -1)
+
+
+def _pack_torch(x: torch.Tensor) -> Optional[torch.Tensor]:
     flat = x.permute(0, 2, 3, 1).reshape(-1) if not x.is_contiguous() else x.reshape(-1)
     if not bool(((flat == 0) | (flat == 1)).all()):     # a value other than 0 or 1: keep the dense input
         return None
@@ -67,17 +81,58 @@ def unpack_spikes(bits: torch.Tensor, shape: Tuple[int, ...], stride: Tuple[int,
     return out
 
 
+#: spike inputs sparser than this (fraction of ones) use the spike-driven convolution on CPU.
+SPARSE_DENSITY = float(os.environ.get("SNNCC_SPARSE_DENSITY", "0.15"))
+
+
+def _sparse_ok(x: torch.Tensor, weight: torch.Tensor, dilation: Tuple[int, ...], groups: int,
+               padding: Any) -> bool:
+    """The spike-driven kernel's domain: CPU float32 2-d conv, channels-last input, Cin % 8 == 0."""
+    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and groups == 1 and tuple(dilation) == (1, 1) and not isinstance(padding, str)
+            and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
+            and x.is_contiguous(memory_format=torch.channels_last) and _c_bits(x))
+
+
+def _sparse_conv2d(bits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   stride: Tuple[int, ...], padding: Tuple[int, ...]) -> torch.Tensor:
+    from . import cpu
+    n, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    sh, sw = stride
+    ph, pw = padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    wt = weight.detach().permute(2, 3, 1, 0).contiguous()           # [KH][KW][Cin][Cout]
+    b = None if bias is None else bias.detach().contiguous()
+    out = buffers.empty((n, cout, oh, ow), x.dtype, x.device, channels_last=True)
+    cpu.sparse_conv_library(cout).sconv2d_fwd(bits.data_ptr(), wt.data_ptr(), None if b is None else b.data_ptr(),
+                                          out.data_ptr(), n, h, w, cin, cout, kh, kw, sh, sw, ph, pw, oh, ow,
+                                          torch.get_num_threads())
+    return out
+
+
 class _PackedConv(torch.autograd.Function):
+    """A convolution of spikes: input kept as bits for backward; on CPU, when the spikes are sparse enough,
+    the forward itself is computed from the bits (``cpu.sparse_conv_source``), work proportional to the
+    number of spikes."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 stride: Tuple[int, ...], padding: Any, dilation: Tuple[int, ...], groups: int) -> torch.Tensor:
         nd = x.dim() - 2
-        fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-        y = fn(x, weight, bias, stride, padding, dilation, groups)
-        bits = pack_spikes(x) if ctx.needs_input_grad[1] else None
+        bits, ones = pack_count(x)
+        pad2 = tuple(padding) if not isinstance(padding, str) else padding
+        if bits is not None and _sparse_ok(x, weight, dilation, groups, padding) and \
+                ones <= SPARSE_DENSITY * x.numel():
+            y = _sparse_conv2d(bits, x, weight, bias, tuple(stride), pad2)
+        else:
+            fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+            y = fn(x, weight, bias, stride, padding, dilation, groups)
+        keep = ctx.needs_input_grad[1] or ctx.needs_input_grad[0]
         ctx.meta = (tuple(x.shape), x.stride(), x.dtype, bits is not None, bias is not None,
                     stride, padding, dilation, groups)
-        ctx.save_for_backward(bits if bits is not None else x, weight)
+        if keep:
+            ctx.save_for_backward(bits if bits is not None else x, weight)
         return y
 
     @staticmethod
@@ -116,7 +171,8 @@ class _PackedLinear(torch.autograd.Function):
 
 def packed_conv(m: torch.nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``m(x)`` for a Conv1d/2d/3d (zeros padding), keeping a spike input as bits for backward."""
+    """``m(x)`` for a Conv1d/2d/3d (zeros padding) whose input is spikes: the input kept as bits for
+    backward, and on CPU a spike-driven forward when the spikes are sparse (with or without grad)."""
     w = m.weight if weight is None else weight
     b = m.bias if weight is None else bias
     return _PackedConv.apply(x, w, b, m.stride, m.padding, m.dilation, m.groups)

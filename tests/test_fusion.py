@@ -293,3 +293,42 @@ def test_chunked_wavefront_matches_eager(chunk, train):
 def test_chunk_option_validated():
     with pytest.raises(snncc.errors.InputError, match="chunk"):
         snncc.compile(ConvPoolNet(), T=2, chunk=0)
+
+
+# --------------------------------------------------------------------------- spike-driven convolution
+@pytest.mark.parametrize("stride,padding,k", [(1, 1, 3), (2, 1, 3), (1, 0, 1), (2, 2, 5), (1, (1, 2), (3, 5))])
+@pytest.mark.parametrize("density", [0.02, 0.2])
+def test_sparse_conv_equals_dense(stride, padding, k, density):
+    """Spike-driven forward (from the bits) == F.conv2d to float tolerance; backward as the dense conv."""
+    from snncc.runtime import packed
+    torch.manual_seed(0)
+    x = (torch.rand(3, 16, 9, 11) < density).float().contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(16, 24, k, stride=stride, padding=padding)
+    assert packed._sparse_ok(x, conv.weight, conv.dilation, conv.groups, conv.padding)
+    xg = x.clone().requires_grad_(True)
+    y = packed_conv(conv, xg)
+    y_ref = conv(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y_ref)
+    g1 = torch.autograd.grad((y * g).sum(), [xg] + list(conv.parameters()))
+    xr = x.clone().requires_grad_(True)
+    g2 = torch.autograd.grad((conv(xr) * g).sum(), [xr] + list(conv.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_conv_is_used_only_when_sparse(monkeypatch):
+    from snncc.runtime import packed
+    calls = []
+    real = packed._sparse_conv2d
+    monkeypatch.setattr(packed, "_sparse_conv2d", lambda *a: calls.append(1) or real(*a))
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    sparse = (torch.rand(2, 8, 6, 6) < 0.05).float().contiguous(memory_format=torch.channels_last)
+    dense = (torch.rand(2, 8, 6, 6) < 0.9).float().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        packed_conv(conv, sparse)
+        assert calls == [1]
+        packed_conv(conv, dense)
+        assert calls == [1]
+        packed_conv(conv, sparse.contiguous())          # NCHW: the dense path
+        assert calls == [1]
