@@ -694,7 +694,7 @@ def _forward_kernel(lib: Any, spec: NeuronSpec, x: torch.Tensor, x_step: torch.T
                     h_dtype: Optional[torch.dtype], want_out: bool = True):
     """Run the forward kernel; returns (out, final V, H per step or None, bits or None)."""
     M = x_step.numel()
-    hs = _steps_like(x_step, K, dtype=h_dtype or x.dtype) if keep else None
+    hs = _steps_like(x_step, K) if keep else None
     v = buffers.empty_like(x_step)
     tau, kc, vth, vr = _consts(spec, w)
     nt = torch.get_num_threads()
@@ -734,9 +734,13 @@ class _CScan(torch.autograd.Function):
             x = x.contiguous()
             x_step = x if broadcast else x[0]
         v0 = None if v0 is None else _dense_like(v0, x_step)     # None: the reset state, set by the kernel
-        lib = _library(kernel_source(spec, x.dtype, h_dtype))
+        lib = _library(kernel_source(spec, x.dtype))
         keep = need_grad and not recompute
-        out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, broadcast, K, v0, w, pool, keep, h_dtype)
+        out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, broadcast, K, v0, w, pool, keep, None)
+        if hs is not None and h_dtype is not None and h_dtype != hs.dtype:
+            # NOTE: converted by torch (vectorized F16C) rather than in the kernel, where gcc emits a
+            # library call per element; the full-precision H is a pooled buffer, reused next step.
+            hs = hs.to(h_dtype)
         ctx.spec, ctx.broadcast, ctx.K, ctx.h_dtype, ctx.pool = spec, broadcast, K, h_dtype, pool
         ctx.x_dtype, ctx.recompute = x.dtype, recompute
         ctx.set_materialize_grads(False)       # an unused final state needs no zero gradient tensor
@@ -753,11 +757,15 @@ class _CScan(torch.autograd.Function):
     def backward(ctx: Any, g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor]):
         hs, bits, x, v0, w = ctx.saved_tensors
         spec, K, pool = ctx.spec, ctx.K, ctx.pool
-        lib = _library(kernel_source(spec, ctx.x_dtype, ctx.h_dtype))
+        lib = _library(kernel_source(spec, ctx.x_dtype))
         if ctx.recompute:
             x_step = x if ctx.broadcast else x[0]
             _, _, hs, bits = _forward_kernel(lib, spec, x, x_step, ctx.broadcast, K, v0, w, pool, True,
-                                             ctx.h_dtype, want_out=False)
+                                             None, want_out=False)
+        elif hs.dtype != ctx.x_dtype:
+            full = _steps_like(hs[0], K, dtype=ctx.x_dtype)
+            full.copy_(hs)
+            hs = full
         h0 = hs[0]
         dtype = ctx.x_dtype
         # the gradient of one step's input: laid out like H (and the input), in the input's dtype

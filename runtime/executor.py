@@ -216,7 +216,9 @@ class Executor:
                 w, b = _fold_bn(w, b, self.modules[fold.module])
             pack = task.spike_input and torch.is_grad_enabled() and w.requires_grad
             if isinstance(m, nn.Linear):
-                return packed_linear(m, x) if pack else nn.functional.linear(x, w, b)
+                if task.spike_input and (pack or x.device.type == "cpu"):
+                    return packed_linear(m, x)      # bits for backward; spike-driven forward on CPU
+                return nn.functional.linear(x, w, b)
             if cl:
                 x = _to_channels_last(x)
             if task.spike_input and m.padding_mode == "zeros" and (pack or x.device.type == "cpu"):

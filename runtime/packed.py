@@ -111,6 +111,26 @@ def _sparse_conv2d(bits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
     return out
 
 
+def _sparse_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.shape[-1] % 8 == 0 and weight.shape[0] % 8 == 0 and x.is_contiguous() and _c_bits(x))
+
+
+def _sparse_linear(bits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear`` of spikes from their bits: the spike-driven conv on 1x1 'images'."""
+    from . import cpu
+    fin, fout = weight.shape[1], weight.shape[0]
+    rows = x.numel() // fin
+    wt = weight.detach().t().contiguous()                           # [Cin][Cout]
+    b = None if bias is None else bias.detach().contiguous()
+    out = buffers.empty((rows, fout), x.dtype, x.device)
+    cpu.sparse_conv_library(fout).sconv2d_fwd(bits.data_ptr(), wt.data_ptr(), None if b is None else b.data_ptr(),
+                                              out.data_ptr(), rows, 1, 1, fin, fout, 1, 1, 1, 1, 0, 0, 1, 1,
+                                              torch.get_num_threads())
+    return out.view(*x.shape[:-1], fout)
+
+
 class _PackedConv(torch.autograd.Function):
     """A convolution of spikes: input kept as bits for backward; on CPU, when the spikes are sparse enough,
     the forward itself is computed from the bits (``cpu.sparse_conv_source``), work proportional to the
@@ -152,10 +172,14 @@ class _PackedConv(torch.autograd.Function):
 class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        y = F.linear(x, weight, bias)
-        bits = pack_spikes(x) if ctx.needs_input_grad[1] and x.is_contiguous() else None
+        bits, ones = pack_count(x) if x.is_contiguous() else (None, -1)
+        if bits is not None and _sparse_linear_ok(x, weight) and ones <= SPARSE_DENSITY * x.numel():
+            y = _sparse_linear(bits, x, weight, bias)
+        else:
+            y = F.linear(x, weight, bias)
         ctx.meta = (tuple(x.shape), x.stride(), x.dtype, bits is not None)
-        ctx.save_for_backward(bits if bits is not None else x, weight)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(bits if bits is not None else x, weight)
         return y
 
     @staticmethod

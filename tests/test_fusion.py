@@ -332,3 +332,19 @@ def test_sparse_conv_is_used_only_when_sparse(monkeypatch):
         assert calls == [1]
         packed_conv(conv, sparse.contiguous())          # NCHW: the dense path
         assert calls == [1]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5])
+def test_sparse_linear_equals_dense(density):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24)
+    x = (torch.rand(5, 3, 64) < density).float()
+    xg = x.clone().requires_grad_(True)
+    y = packed_linear(lin, xg)
+    torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    g1 = torch.autograd.grad((y * g).sum(), [xg] + list(lin.parameters()))
+    xr = x.clone().requires_grad_(True)
+    g2 = torch.autograd.grad((lin(xr) * g).sum(), [xr] + list(lin.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

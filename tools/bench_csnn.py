@@ -4,7 +4,8 @@ Variants are interleaved in one process (eager, snncc, eager, snncc, ...), each 
 round; medians are reported with their ratio. Measures a training step (forward + backward + Adam) and
 inference (eval, no_grad), and the bytes each variant keeps for backward (one forward under
 ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once). ``--torch-compile`` adds
-``torch.compile`` of the eager loop; ``snncc-half`` is ``snncc.compile(..., memory="half")``.
+``torch.compile`` of the eager loop; ``snncc-half`` / ``snncc-min`` are ``snncc.compile(..., memory="half")``
+/ ``memory="min"``.
 
     python tools/bench_csnn.py --batch 32 --T 8 --torch-compile
 """
@@ -56,7 +57,8 @@ def main(argv: List[str] = None) -> Dict[str, Dict[str, float]]:
     y = torch.randint(0, 10, (args.batch,))
     base = BasicCSNN(T=args.T)
     variants: Dict[str, nn.Module] = {"eager": copy.deepcopy(base), "snncc": snncc.compile(copy.deepcopy(base)),
-                                      "snncc-half": snncc.compile(copy.deepcopy(base), memory="half")}
+                                      "snncc-half": snncc.compile(copy.deepcopy(base), memory="half"),
+                                      "snncc-min": snncc.compile(copy.deepcopy(base), memory="min")}
     if args.torch_compile:
         variants["torch.compile"] = torch.compile(copy.deepcopy(base))
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in variants.items()}
