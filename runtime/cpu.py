@@ -253,12 +253,15 @@ void scan_bwd(const T* g_spikes, const HT* hs, const u8* bits, const T* g_vlast,
   const int64_t Ho = H / k, Wo = W / k, rem = H - Ho * k, UP = Ho + (rem > 0), U = P * UP; \\
   const int64_t RW = W * C, M = P * H * RW, Mo = P * Ho * Wo * C, CAP = k * RW, UB = (CAP + 7) / 8; \\
   (void)Mo; (void)UB;
+// where pooled output (p, j, wo, c) of a step lives: the input's layout, or channels-first (out_cf: the
+// [N, C, Ho, Wo] contiguous order a following flatten reads without a copy)
+#define OUT_INDEX (out_cf ? ((p * C + c) * Ho + j) * Wo + wo : ((p * Ho + j) * Wo + wo) * C + c)
 #define POOL_UNIT \\
   const int64_t p = u / UP, j = u % UP, row0 = j < Ho ? j * k : Ho * k, nr = j < Ho ? k : rem; \\
   const int64_t n = nr * RW, start = p * H * RW + row0 * RW;
 
 void pool_fwd(const T* xs, int64_t x_stride, const T* v0, T* out, u8* bits, HT* hs, T* v_out,
-              int64_t K, int64_t P, int64_t H, int64_t W, int64_t C, int64_t k,
+              int64_t K, int64_t P, int64_t H, int64_t W, int64_t C, int64_t k, int64_t out_cf,
               double tau_, double kc_, double vth_, double vr_, int nthreads) {{
   POOL_GEOM
   #pragma omp parallel num_threads(nthreads)
@@ -275,13 +278,13 @@ void pool_fwd(const T* xs, int64_t x_stride, const T* v0, T* out, u8* bits, HT* 
         if (hs) {{ HT* ht = hs + t * M + start; for (int64_t i = 0; i < n; ++i) ht[i] = (HT)hb[i]; }}
         if (bits) pack_bits(sb, n, bits + (t * U + u) * UB);
         if (out && j < Ho) {{
-          T* ot = out + t * Mo + (p * Ho + j) * Wo * C;
+          T* ot = out + t * Mo;
           for (int64_t wo = 0; wo < Wo; ++wo)
             for (int64_t c = 0; c < C; ++c) {{
               u8 m = 0;
               for (int64_t dh = 0; dh < k; ++dh)
                 for (int64_t dw = 0; dw < k; ++dw) m |= sb[dh * RW + (wo * k + dw) * C + c];
-              ot[wo * C + c] = (T)m;
+              ot[OUT_INDEX] = (T)m;
             }}
         }}
       }}
@@ -292,7 +295,7 @@ void pool_fwd(const T* xs, int64_t x_stride, const T* v0, T* out, u8* bits, HT* 
 }}
 
 void pool_bwd(const T* g_out, const HT* hs, const u8* bits, const T* g_vlast, T* g_x, int broadcast,
-              T* g_v0, int64_t K, int64_t P, int64_t H, int64_t W, int64_t C, int64_t k,
+              T* g_v0, int64_t K, int64_t P, int64_t H, int64_t W, int64_t C, int64_t k, int64_t out_cf,
               double tau_, double kc_, double vth_, double vr_, double alpha_, int nthreads{plif_args}) {{
   POOL_GEOM
   CONSTS (void)VTH;
@@ -313,7 +316,7 @@ void pool_bwd(const T* g_out, const HT* hs, const u8* bits, const T* g_vlast, T*
         unpack_bits(bits + (t * U + u) * UB, n, sb);
         memset(gsb, 0, n * sizeof(T));
         if (g_out && j < Ho) {{
-          const T* gt = g_out + t * Mo + (p * Ho + j) * Wo * C;
+          const T* gt = g_out + t * Mo;
           for (int64_t wo = 0; wo < Wo; ++wo)
             for (int64_t c = 0; c < C; ++c) {{
               int64_t sel = (wo * k) * C + c;     // torch's pick: the first maximum, row-major
@@ -323,7 +326,7 @@ void pool_bwd(const T* g_out, const HT* hs, const u8* bits, const T* g_vlast, T*
                   const int64_t idx = dh * RW + (wo * k + dw) * C + c;
                   if (sb[idx]) {{ sel = idx; found = 1; break; }}
                 }}
-              gsb[sel] = gt[wo * C + c];
+              gsb[sel] = gt[OUT_INDEX];
             }}
         }}
         {bwd_loop}
@@ -372,9 +375,9 @@ def _library(src: str) -> Any:
         lib.scan_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, dbl, dbl, dbl, dbl, cint]
         lib.scan_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, dbl, dbl, dbl, dbl, dbl,
                                  cint] + extra
-        lib.pool_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64,
+        lib.pool_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
                                  dbl, dbl, dbl, dbl, cint]
-        lib.pool_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, i64, i64,
+        lib.pool_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, i64, i64, i64,
                                  dbl, dbl, dbl, dbl, dbl, cint] + extra
         _LIBS[key] = lib
         return lib
@@ -691,7 +694,7 @@ def pool_geometry(x_step: torch.Tensor, k: int) -> Tuple[int, int, int, int, int
 
 def _forward_kernel(lib: Any, spec: NeuronSpec, x: torch.Tensor, x_step: torch.Tensor, broadcast: bool, K: int,
                     v0: Optional[torch.Tensor], w: Optional[torch.Tensor], pool: Optional[int], keep: bool,
-                    h_dtype: Optional[torch.dtype], want_out: bool = True):
+                    h_dtype: Optional[torch.dtype], want_out: bool = True, pool_cf: bool = False):
     """Run the forward kernel; returns (out, final V, H per step or None, bits or None)."""
     M = x_step.numel()
     hs = _steps_like(x_step, K) if keep else None
@@ -710,9 +713,13 @@ def _forward_kernel(lib: Any, spec: NeuronSpec, x: torch.Tensor, x_step: torch.T
         ub = (pool * W * C + 7) // 8
         bits = buffers.empty((K * units * ub,), torch.uint8, x.device) if keep else None
         n, c = x_step.shape[:2]
-        out = _steps_like(x_step, K, (n, c, H // pool, W // pool)) if want_out else None
+        shape = (n, c, H // pool, W // pool)
+        out = None
+        if want_out:
+            out = buffers.empty((K * n,) + shape[1:], x.dtype, x.device).view((K,) + shape) if pool_cf \
+                else _steps_like(x_step, K, shape)
         lib.pool_fwd(x.data_ptr(), x_stride, _p(v0), _p(out), _p(bits), _p(hs), v.data_ptr(),
-                     K, P, H, W, C, pool, tau, kc, vth, vr, nt)
+                     K, P, H, W, C, pool, int(pool_cf), tau, kc, vth, vr, nt)
     return out, v, hs, bits
 
 
@@ -727,8 +734,8 @@ class _CScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, spec: NeuronSpec, broadcast: bool, K: int, need_grad: bool,
-                h_dtype: Optional[torch.dtype], recompute: bool, pool: Optional[int], x: torch.Tensor,
-                v0: Optional[torch.Tensor], w: Optional[torch.Tensor]):
+                h_dtype: Optional[torch.dtype], recompute: bool, pool: Optional[int], pool_cf: bool,
+                x: torch.Tensor, v0: Optional[torch.Tensor], w: Optional[torch.Tensor]):
         x_step = x if broadcast else x[0]
         if not (x_step.is_contiguous() or _channels_last(x_step)):
             x = x.contiguous()
@@ -736,13 +743,14 @@ class _CScan(torch.autograd.Function):
         v0 = None if v0 is None else _dense_like(v0, x_step)     # None: the reset state, set by the kernel
         lib = _library(kernel_source(spec, x.dtype))
         keep = need_grad and not recompute
-        out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, broadcast, K, v0, w, pool, keep, None)
+        out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, broadcast, K, v0, w, pool, keep, None,
+                                           pool_cf=pool_cf and pool is not None)
         if hs is not None and h_dtype is not None and h_dtype != hs.dtype:
             # NOTE: converted by torch (vectorized F16C) rather than in the kernel, where gcc emits a
             # library call per element; the full-precision H is a pooled buffer, reused next step.
             hs = hs.to(h_dtype)
         ctx.spec, ctx.broadcast, ctx.K, ctx.h_dtype, ctx.pool = spec, broadcast, K, h_dtype, pool
-        ctx.x_dtype, ctx.recompute = x.dtype, recompute
+        ctx.x_dtype, ctx.recompute, ctx.pool_cf = x.dtype, recompute, pool_cf and pool is not None
         ctx.set_materialize_grads(False)       # an unused final state needs no zero gradient tensor
         if need_grad:
             plif = spec.kind == "plif"
@@ -774,7 +782,7 @@ class _CScan(torch.autograd.Function):
             shape, stride = ctx.out_meta
             if g_out.stride() != stride:
                 g = buffers.empty((shape[0] * shape[1],) + shape[2:], dtype, h0.device,
-                                  channels_last=_channels_last(h0)).view(shape)
+                                  channels_last=_channels_last(h0) and not ctx.pool_cf).view(shape)
                 g.copy_(g_out)
                 g_out = g
         g_v_last = None if g_v_last is None else _dense_like(g_v_last, g_step)
@@ -797,23 +805,25 @@ class _CScan(torch.autograd.Function):
         else:
             P, H, W, C, _ = pool_geometry(h0, pool)
             lib.pool_bwd(_p(g_out), hs.data_ptr(), bits.data_ptr(), _p(g_v_last), g_x.data_ptr(),
-                         int(ctx.broadcast), g_v0.data_ptr(), K, P, H, W, C, pool, tau, kc, vth, vr,
+                         int(ctx.broadcast), g_v0.data_ptr(), K, P, H, W, C, pool, int(ctx.pool_cf), tau, kc, vth, vr,
                          float(spec.surrogate.alpha), nt, *extra)
         g_w = None
-        if plif and w is not None and ctx.needs_input_grad[9]:
+        if plif and w is not None and ctx.needs_input_grad[10]:
             k = w.detach().sigmoid()
             g_w = (gk_part.sum().to(w.dtype) * k * (1.0 - k)).reshape(w.shape)
-        return None, None, None, None, None, None, None, g_x, g_v0 if ctx.needs_input_grad[8] else None, g_w
+        return None, None, None, None, None, None, None, None, g_x, g_v0 if ctx.needs_input_grad[9] else None, g_w
 
 
 def c_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool, v0: Optional[torch.Tensor],
            w: Optional[torch.Tensor] = None, pool: Optional[int] = None,
-           h_dtype: Optional[torch.dtype] = None, recompute: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+           h_dtype: Optional[torch.dtype] = None, recompute: bool = False,
+           pool_cf: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Spikes ``[K, *S]`` (or, with ``pool=k``, their k x k max-pool ``[K, N, C, H/k, W/k]``) and the final
     V of an IF/LIF/PLIF layer (``supports`` must hold). ``v0`` None: the reset state. ``recompute``: keep
-    only the input and initial V for backward (``memory="min"``)."""
+    only the input and initial V for backward (``memory="min"``). ``pool_cf``: the pooled output in
+    channels-first order even for a channels-last input (what a following flatten reads without a copy)."""
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, v0, w))
-    return _CScan.apply(spec, broadcast, K, need_grad, h_dtype, recompute, pool, x, v0, w)
+    return _CScan.apply(spec, broadcast, K, need_grad, h_dtype, recompute, pool, pool_cf, x, v0, w)
 
 
 class _CScan2(torch.autograd.Function):

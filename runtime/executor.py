@@ -263,7 +263,8 @@ class Executor:
         step_dim = xs.dim() - (0 if broadcast else 1)
         k = pool.params[0] if pool is not None and step_dim == 4 else None
         spikes, state = neuron_scan(binding.spec, xs, K, broadcast, run.states.get(task.target), params,
-                                    pool=k, h_dtype=self.h_dtype, recompute=self.options.memory == "min")
+                                    pool=k, h_dtype=self.h_dtype, recompute=self.options.memory == "min",
+                                    pool_cf=k is not None and self._flattened(task))
         if pool is not None and k is None:        # not 4-d per step: the pool module, step by step
             pm = self.modules[pool.module]
             spikes = torch.stack([pm(s) for s in spikes])
@@ -273,6 +274,20 @@ class Executor:
         elif binding.state_attr is None and hasattr(m, "state") and self.last_chunk[task.target] == task.name:
             m.state = state
         return spikes.view(K * spikes.shape[1], *spikes.shape[2:]) if spikes.dim() > 1 else spikes
+
+    def _flattened(self, task: Task) -> bool:
+        """Every reader of ``task`` flattens it (so channels-first output saves the flatten a copy)."""
+        readers = list(self.tg.graph.successors(task.name))
+        data = [r for r in readers if self.tg.graph.edges[task.name, r]["kind"] == "data"]
+        if not data:
+            return False
+        for r in data:
+            t = self.tg.task(r)
+            m = self.modules.get(t.target) if t.kind == "module" else None
+            if not (isinstance(m, nn.Flatten) or (t.kind == "method" and t.target in ("flatten", "view", "reshape"))
+                    or (t.kind == "function" and t.target in (torch.flatten, torch.reshape))):
+                return False
+        return True
 
     def _output(self, task: Task, run: _Run) -> Any:
         out = self._value(run, task.args[0])

@@ -232,8 +232,8 @@ class _GenericScan(torch.autograd.Function):
 
 def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
                 state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
-                pool: Optional[int] = None, h_dtype: Optional[torch.dtype] = None, recompute: bool = False
-                ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+                pool: Optional[int] = None, h_dtype: Optional[torch.dtype] = None, recompute: bool = False,
+                pool_cf: bool = False) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Run a neuron layer over K steps. ``x`` is ``[K, *S]`` (or ``[*S]`` fed at every step when
     ``broadcast``); ``state`` None means the reset state. Returns spikes ``[K, *S]`` and the final state.
 
@@ -250,7 +250,7 @@ def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
         spikes, v = cuda_scan(spec, x, K, broadcast, v0, w, pool, h_dtype)
         return spikes, (v,)
     if supports(spec, x, v0, w) and (w is None or w.numel() == 1):
-        spikes, v = c_scan(spec, x, K, broadcast, v0, w, pool, h_dtype, recompute)
+        spikes, v = c_scan(spec, x, K, broadcast, v0, w, pool, h_dtype, recompute, pool_cf)
         return spikes, (v,)
     if spec.kind in ("izhikevich", "alif") and supports(spec, x, *(state or ()), two_state=True):
         spikes, v, u = c_scan2(spec, x, K, broadcast, *(state if state is not None else (None, None)))

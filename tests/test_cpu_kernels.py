@@ -193,3 +193,21 @@ def test_two_state_c_scan_matches_reference(kind, v_reset, detach_reset, dtype, 
             assert torch.equal(st1[0], st2[0]) and torch.equal(st1[1], st2[1])
             for a, b in zip(g1, g2):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_pool_epilogue_channels_first_output(monkeypatch):
+    """pool_cf: the same pooled spikes (and gradients) written in [N, C, Ho, Wo] order for a
+    channels-last input, so a following flatten needs no copy."""
+    _use("c", monkeypatch)
+    spec = NeuronSpec("lif", SurrogateSpec("sigmoid", 4.0))
+    torch.manual_seed(0)
+    x = _inputs(4, torch.float32, False, True, shape=(3, 8, 6, 6))
+    g = torch.randn(4, 3, 8, 3, 3)
+    res = []
+    for cf in (False, True):
+        s, (v,) = neuron_scan(spec, x, 4, False, None, (), pool=2, pool_cf=cf)
+        assert s[0].is_contiguous() == cf
+        (gx,) = torch.autograd.grad((s * g).sum(), x)
+        res.append((s, v, gx))
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+    assert torch.equal(res[0][2], res[1][2])
