@@ -67,7 +67,8 @@ def compiler_available() -> bool:
     return ok
 
 
-def kernel_source(spec: NeuronSpec, dtype: torch.dtype, h_dtype: Optional[torch.dtype] = None) -> str:
+def kernel_source(spec: NeuronSpec, dtype: torch.dtype, h_dtype: Optional[torch.dtype] = None,
+                  pool: Optional[int] = None) -> str:
     """The C source of the scans for ``spec`` in ``dtype`` (H kept in ``h_dtype``, default ``dtype``).
 
     Four entry points, two layouts of work:
@@ -111,6 +112,7 @@ typedef uint8_t u8;
 #define EXP {exp}
 #define FABS {fabs}
 #define BLK {_BLOCK}
+#define PK {pool or 2}
 {codegen.EXP_FLOAT if T == "float" else ""}
 #define CONSTS \\
   const T TAU = (T)tau_, KC = (T)kc_, DEC = (T)(1.0 - 1.0 / tau_), VTH = (T)vth_, VR = (T)vr_; \\
@@ -250,6 +252,7 @@ void scan_bwd(const T* g_spikes, const HT* hs, const u8* bits, const T* g_vlast,
     pool = f"""
 // Geometry of the pooled scan (see kernel_source's docstring).
 #define POOL_GEOM \\
+  (void)k; /* == PK: the pool size is compiled in, so its loops unroll */ \\
   const int64_t Ho = H / k, Wo = W / k, rem = H - Ho * k, UP = Ho + (rem > 0), U = P * UP; \\
   const int64_t RW = W * C, M = P * H * RW, Mo = P * Ho * Wo * C, CAP = k * RW, UB = (CAP + 7) / 8; \\
   (void)Mo; (void)UB;
@@ -279,13 +282,29 @@ void pool_fwd(const T* xs, int64_t x_stride, const T* v0, T* out, u8* bits, HT* 
         if (bits) pack_bits(sb, n, bits + (t * U + u) * UB);
         if (out && j < Ho) {{
           T* ot = out + t * Mo;
-          for (int64_t wo = 0; wo < Wo; ++wo)
-            for (int64_t c = 0; c < C; ++c) {{
-              u8 m = 0;
-              for (int64_t dh = 0; dh < k; ++dh)
-                for (int64_t dw = 0; dw < k; ++dw) m |= sb[dh * RW + (wo * k + dw) * C + c];
-              ot[OUT_INDEX] = (T)m;
+          if (!out_cf || C == 1) {{          // output in the input's order: contiguous in c
+            T* row = ot + (p * Ho + j) * Wo * C;
+            for (int64_t wo = 0; wo < Wo; ++wo) {{
+              const u8* s0 = sb + wo * PK * C;
+              T* o = row + wo * C;
+              for (int64_t c = 0; c < C; ++c) {{
+                u8 m = 0;
+                for (int dh = 0; dh < PK; ++dh)
+                  for (int dw = 0; dw < PK; ++dw) m |= s0[dh * RW + dw * C + c];
+                o[c] = (T)m;
+              }}
             }}
+          }} else {{                           // channels-first output of a channels-last input
+            for (int64_t c = 0; c < C; ++c) {{
+              T* o = ot + ((p * C + c) * Ho + j) * Wo;
+              for (int64_t wo = 0; wo < Wo; ++wo) {{
+                u8 m = 0;
+                for (int dh = 0; dh < PK; ++dh)
+                  for (int dw = 0; dw < PK; ++dw) m |= sb[dh * RW + (wo * PK + dw) * C + c];
+                o[wo] = (T)m;
+              }}
+            }}
+          }}
         }}
       }}
       memcpy(v_out + start, vb, n * sizeof(T));
@@ -319,11 +338,11 @@ void pool_bwd(const T* g_out, const HT* hs, const u8* bits, const T* g_vlast, T*
           const T* gt = g_out + t * Mo;
           for (int64_t wo = 0; wo < Wo; ++wo)
             for (int64_t c = 0; c < C; ++c) {{
-              int64_t sel = (wo * k) * C + c;     // torch's pick: the first maximum, row-major
+              int64_t sel = (wo * PK) * C + c;    // torch's pick: the first maximum, row-major
               int found = 0;
-              for (int64_t dh = 0; dh < k && !found; ++dh)
-                for (int64_t dw = 0; dw < k; ++dw) {{
-                  const int64_t idx = dh * RW + (wo * k + dw) * C + c;
+              for (int64_t dh = 0; dh < PK && !found; ++dh)
+                for (int64_t dw = 0; dw < PK; ++dw) {{
+                  const int64_t idx = dh * RW + (wo * PK + dw) * C + c;
                   if (sb[idx]) {{ sel = idx; found = 1; break; }}
                 }}
               gsb[sel] = gt[OUT_INDEX];
@@ -741,7 +760,7 @@ class _CScan(torch.autograd.Function):
             x = x.contiguous()
             x_step = x if broadcast else x[0]
         v0 = None if v0 is None else _dense_like(v0, x_step)     # None: the reset state, set by the kernel
-        lib = _library(kernel_source(spec, x.dtype))
+        lib = _library(kernel_source(spec, x.dtype, pool=pool))
         keep = need_grad and not recompute
         out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, broadcast, K, v0, w, pool, keep, None,
                                            pool_cf=pool_cf and pool is not None)
@@ -765,7 +784,7 @@ class _CScan(torch.autograd.Function):
     def backward(ctx: Any, g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor]):
         hs, bits, x, v0, w = ctx.saved_tensors
         spec, K, pool = ctx.spec, ctx.K, ctx.pool
-        lib = _library(kernel_source(spec, ctx.x_dtype))
+        lib = _library(kernel_source(spec, ctx.x_dtype, pool=pool))
         if ctx.recompute:
             x_step = x if ctx.broadcast else x[0]
             _, _, hs, bits = _forward_kernel(lib, spec, x, x_step, ctx.broadcast, K, v0, w, pool, True,
