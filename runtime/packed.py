@@ -102,12 +102,32 @@ def _sparse_conv2d(bits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
     sh, sw = stride
     ph, pw = padding
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    wt = weight.detach().permute(2, 3, 1, 0).contiguous()           # [KH][KW][Cin][Cout]
+    wt = _weight_layout(weight, "conv")                              # [KH][KW][Cin][Cout]
     b = None if bias is None else bias.detach().contiguous()
     out = buffers.empty((n, cout, oh, ow), x.dtype, x.device, channels_last=True)
     cpu.sparse_conv_library(cout).sconv2d_fwd(bits.data_ptr(), wt.data_ptr(), None if b is None else b.data_ptr(),
                                           out.data_ptr(), n, h, w, cin, cout, kh, kw, sh, sw, ph, pw, oh, ow,
                                           torch.get_num_threads())
+    return out
+
+
+_LAYOUTS: "dict" = {}
+
+
+def _weight_layout(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """The weight rearranged for the spike-driven kernels, cached until the weight changes.
+
+    Keyed by the tensor's identity, storage and version counter (bumped by every in-place update such as
+    an optimizer step), so a stale copy is never used; one entry per weight.
+    """
+    key = (id(weight), kind)
+    stamp = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    w = weight.detach()
+    out = w.t().contiguous() if kind == "linear" else w.permute(2, 3, 1, 0).contiguous()
+    _LAYOUTS[key] = (stamp, out)
     return out
 
 
@@ -122,7 +142,7 @@ def _sparse_linear(bits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     from . import cpu
     fin, fout = weight.shape[1], weight.shape[0]
     rows = x.numel() // fin
-    wt = weight.detach().t().contiguous()                           # [Cin][Cout]
+    wt = _weight_layout(weight, "linear")                           # [Cin][Cout]
     b = None if bias is None else bias.detach().contiguous()
     out = buffers.empty((rows, fout), x.dtype, x.device)
     cpu.sparse_conv_library(fout).sconv2d_fwd(bits.data_ptr(), wt.data_ptr(), None if b is None else b.data_ptr(),

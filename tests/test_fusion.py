@@ -348,3 +348,18 @@ def test_sparse_linear_equals_dense(density):
     g2 = torch.autograd.grad((lin(xr) * g).sum(), [xr] + list(lin.parameters()))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_kernels_see_weight_updates():
+    """The cached weight layout follows in-place updates (optimizer steps): never a stale weight."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x = (torch.rand(4, 16) < 0.1).float()
+    xc = (torch.rand(2, 8, 5, 5) < 0.1).float().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(packed_linear(lin, x), lin(x))
+            torch.testing.assert_close(packed_conv(conv, xc), conv(xc), rtol=1e-5, atol=1e-5)
+            lin.weight.add_(1.0)
+            conv.weight.mul_(-2.0)
