@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import importlib.util
 import os
 import platform
@@ -194,12 +195,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--out", default=".", help="directory for the plot (default: current directory)")
     ap.add_argument("--plot", default=None, help="plot file (default: <out>/surrogate_study.png)")
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke test: 2 epochs, T=4, 256 training / 100 test samples, batch 32")
+                    help="a smoke test: 3 epochs, T=4, 320 training / 100 test samples, batch 32")
     args = ap.parse_args(argv)
     if args.quick:
-        args.epochs = 2 if args.epochs is None else args.epochs
+        args.epochs = 3 if args.epochs is None else args.epochs
         args.T, args.batch = 4, 32
-        args.train_size = args.train_size or 256
+        args.train_size = args.train_size or 320
         args.test_size = args.test_size or 100
     if args.epochs is None:
         args.epochs = 10 if args.data == "cifar10" else 5
@@ -223,7 +224,7 @@ def load_data(args: argparse.Namespace) -> Data:
         return load_cifar10(args.cifar_root, args.train_size, args.test_size)
     subset = None
     if args.train_size or args.test_size:     # digits are split 75/25 from one pool
-        subset = max(int((args.train_size or 0) / 0.75), int((args.test_size or 0) / 0.25))
+        subset = max(math.ceil((args.train_size or 0) / 0.75), math.ceil((args.test_size or 0) / 0.25))
     data = load_digits_images(args.seed, subset=subset)
     if args.train_size:
         data.x_train, data.y_train = data.x_train[:args.train_size], data.y_train[:args.train_size]

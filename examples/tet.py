@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import sys
@@ -200,7 +201,7 @@ def load_data(args: argparse.Namespace) -> Data:
     size = 16 if args.model == "vggsnn" else 8     # VGGSNN pools 4 times
     subset = None
     if args.train_size or args.test_size:
-        subset = max(int((args.train_size or 0) / 0.75), int((args.test_size or 0) / 0.25))
+        subset = max(math.ceil((args.train_size or 0) / 0.75), math.ceil((args.test_size or 0) / 0.25))
     data = load_digits_images(args.seed, subset=subset, size=size)
     data.x_train, data.y_train = data.x_train[:args.train_size], data.y_train[:args.train_size]
     data.x_test, data.y_test = data.x_test[:args.test_size], data.y_test[:args.test_size]

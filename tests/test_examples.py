@@ -50,11 +50,11 @@ def test_surrogate_study_quick(tmp_path, capsys):
     assert list(res["results"]) == ["SuperSpike", "Sigmoid", "Esser"]
     assert res["backend"] == ("spikingjelly" if HAS_SPIKINGJELLY else "snncc") and res["data"] == "digits"
     for sides in res["results"].values():
-        check_eager_and_compiled(sides, epochs=2)
+        check_eager_and_compiled(sides, epochs=3)
     assert res["plot"] == str(tmp_path / "surrogate_study.png")
     check_plot(res["plot"])
     out = capsys.readouterr().out
-    assert "epoch 2/2" in out and "eager loss" in out and "compiled loss" in out and "summary" in out
+    assert "epoch 3/3" in out and "eager loss" in out and "compiled loss" in out and "summary" in out
 
 
 def test_seed_surrogates_are_the_notebooks():
