@@ -26,10 +26,10 @@ def test_quick_run_writes_records(tmp_path):
 
 
 def test_relu_copy_replaces_every_neuron():
-    import snncc
+    import torch
     from snncc.frontend import is_stateful
     m = bench_gpu.StepCSNN(16)
     r = bench_gpu.relu_copy(m)
     assert not any(is_stateful(x) for n, x in r.named_modules() if n)
-    assert sum(isinstance(x, __import__("torch").nn.ReLU) for x in r.modules()) == 3
+    assert sum(isinstance(x, torch.nn.ReLU) for x in r.modules()) == 3
     assert any(is_stateful(x) for n, x in m.named_modules() if n)      # the original is untouched
