@@ -194,8 +194,15 @@ static inline void step_bwd_gh(const HT* ht, const u8* sb, const T* gsb, T* gvb,
 }}
 """
         bwd_loop = bwd_loop.replace("gvb, gxb, n,", "gvb, gxb, ghb, n,")
-    scratch_bwd = "T* ghb = gxb + CAP;" if plif else ""
     nscratch = 4 if plif else 3
+    # per-thread scratch of the backward scans: gradient state, accumulators, spikes of this/previous step
+    common += ("#define BWD_SCRATCH \\\n"
+               f"    T* scratch = (T*)malloc({nscratch + 1} * CAP * sizeof(T)); \\\n"
+               "    u8* sb = (u8*)malloc(2 * CAP); u8* sp = sb + CAP; (void)sp; \\\n"
+               "    T* gvb = scratch; T* gacc = scratch + CAP; T* gsb = scratch + 2 * CAP; "
+               "T* gxb = scratch + 3 * CAP; \\\n"
+               + ("    T* ghb = scratch + 4 * CAP; \\\n" if plif else "")
+               + f"    T* vprev = {'(T*)malloc(CAP * sizeof(T))' if plif else '0'}; (void)vprev;\n")
 
     flat = f"""
 void scan_fwd(const T* xs, int64_t x_stride, const T* v0, T* spikes, u8* bits, HT* hs, T* v_out,
@@ -224,12 +231,7 @@ void scan_bwd(const T* g_spikes, const HT* hs, const u8* bits, const T* g_vlast,
   CONSTS (void)VTH;
   #pragma omp parallel num_threads(nthreads)
   {{
-    T* scratch = (T*)malloc({nscratch + 1} * CAP * sizeof(T));
-    u8* sb = (u8*)malloc(2 * CAP);
-    u8* sp = sb + CAP; (void)sp;
-    T* gvb = scratch; T* gacc = scratch + CAP; T* gsb = scratch + 2 * CAP; T* gxb = scratch + 3 * CAP;
-    {scratch_bwd.replace("gxb + CAP", "scratch + 4 * CAP") if plif else ""}
-    T* vprev = {"(T*)malloc(CAP * sizeof(T))" if plif else "0"}; (void)vprev;
+    BWD_SCRATCH
     #pragma omp for schedule(static)
     for (int64_t u = 0; u < U; ++u) {{
       const int64_t start = u * BLK, n = (M - start) < BLK ? (M - start) : BLK;
@@ -320,12 +322,7 @@ void pool_bwd(const T* g_out, const HT* hs, const u8* bits, const T* g_vlast, T*
   CONSTS (void)VTH;
   #pragma omp parallel num_threads(nthreads)
   {{
-    T* scratch = (T*)malloc({nscratch + 1} * CAP * sizeof(T));
-    u8* sb = (u8*)malloc(2 * CAP);
-    u8* sp = sb + CAP; (void)sp;
-    T* gvb = scratch; T* gacc = scratch + CAP; T* gsb = scratch + 2 * CAP; T* gxb = scratch + 3 * CAP;
-    {scratch_bwd.replace("gxb + CAP", "scratch + 4 * CAP") if plif else ""}
-    T* vprev = {"(T*)malloc(CAP * sizeof(T))" if plif else "0"}; (void)vprev;
+    BWD_SCRATCH
     #pragma omp for schedule(static)
     for (int64_t u = 0; u < U; ++u) {{
       POOL_UNIT

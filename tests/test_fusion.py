@@ -296,6 +296,19 @@ def test_chunk_option_validated():
 
 
 # --------------------------------------------------------------------------- spike-driven convolution
+def _same_as_dense(fast, layer: nn.Module, x: torch.Tensor, tol: float) -> None:
+    """``fast(x)`` equals ``layer(x)``, and so do the input and parameter gradients (to ``tol``)."""
+    xg = x.clone().requires_grad_(True)
+    y = fast(xg)
+    torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    g1 = torch.autograd.grad((y * g).sum(), [xg] + list(layer.parameters()))
+    xr = x.clone().requires_grad_(True)
+    g2 = torch.autograd.grad((layer(xr) * g).sum(), [xr] + list(layer.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("stride,padding,k", [(1, 1, 3), (2, 1, 3), (1, 0, 1), (2, 2, 5), (1, (1, 2), (3, 5))])
 @pytest.mark.parametrize("density", [0.02, 0.2])
 def test_sparse_conv_equals_dense(stride, padding, k, density):
@@ -305,16 +318,7 @@ def test_sparse_conv_equals_dense(stride, padding, k, density):
     x = (torch.rand(3, 16, 9, 11) < density).float().contiguous(memory_format=torch.channels_last)
     conv = nn.Conv2d(16, 24, k, stride=stride, padding=padding)
     assert packed._sparse_ok(x, conv.weight, conv.dilation, conv.groups, conv.padding)
-    xg = x.clone().requires_grad_(True)
-    y = packed_conv(conv, xg)
-    y_ref = conv(x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y_ref)
-    g1 = torch.autograd.grad((y * g).sum(), [xg] + list(conv.parameters()))
-    xr = x.clone().requires_grad_(True)
-    g2 = torch.autograd.grad((conv(xr) * g).sum(), [xr] + list(conv.parameters()))
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    _same_as_dense(lambda t: packed_conv(conv, t), conv, x, tol=1e-4)
 
 
 def test_sparse_conv_is_used_only_when_sparse(monkeypatch):
@@ -339,15 +343,7 @@ def test_sparse_linear_equals_dense(density):
     torch.manual_seed(0)
     lin = nn.Linear(64, 24)
     x = (torch.rand(5, 3, 64) < density).float()
-    xg = x.clone().requires_grad_(True)
-    y = packed_linear(lin, xg)
-    torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    g1 = torch.autograd.grad((y * g).sum(), [xg] + list(lin.parameters()))
-    xr = x.clone().requires_grad_(True)
-    g2 = torch.autograd.grad((lin(xr) * g).sum(), [xr] + list(lin.parameters()))
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _same_as_dense(lambda t: packed_linear(lin, t), lin, x, tol=1e-5)
 
 
 def test_sparse_kernels_see_weight_updates():

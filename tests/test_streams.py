@@ -30,6 +30,18 @@ def _waves(tg):
     return schedule_wavefront(tg)
 
 
+def _replay(plan):
+    """What an executor issues for ``plan``, recorded by the NullBackend."""
+    be = NullBackend()
+    for n in plan.order:
+        for u in plan.waits[n]:
+            be.wait(plan.stream_of[n], u)
+        be.launch(plan.stream_of[n], n)
+        if n in plan.record:
+            be.record(plan.stream_of[n], n)
+    return be.log
+
+
 def test_one_stream_needs_no_events():
     tg = _diamond()
     plan = plan_streams(tg, _waves(tg), 1)
@@ -45,15 +57,7 @@ def test_diamond_on_two_streams_waits_where_needed():
     other = "c" if plan.stream_of["c"] == 1 else "b"
     assert plan.waits[other] == ("a",)
     assert len(plan.waits["d"]) == 1
-    log = []
-    be = NullBackend(log)
-    for n in plan.order:
-        for u in plan.waits[n]:
-            be.wait(plan.stream_of[n], u)
-        be.launch(plan.stream_of[n], n)
-        if n in plan.record:
-            be.record(plan.stream_of[n], n)
-    check_plan(tg, plan, log)
+    check_plan(tg, plan, _replay(plan))
 
 
 def test_check_plan_catches_a_missing_wait():
@@ -78,14 +82,7 @@ def test_random_dags_plans_are_valid_and_waits_not_redundant(seed, n_streams):
     tg.output = "t29"
     sched = _waves(tg)
     plan = plan_streams(tg, sched, n_streams)
-    be = NullBackend()
-    for n in plan.order:
-        for u in plan.waits[n]:
-            be.wait(plan.stream_of[n], u)
-        be.launch(plan.stream_of[n], n)
-        if n in plan.record:
-            be.record(plan.stream_of[n], n)
-    check_plan(tg, plan, be.log)
+    check_plan(tg, plan, _replay(plan))
     cross = sum(1 for u, v in tg.graph.edges if plan.stream_of[u] != plan.stream_of[v])
     assert plan.summary()["waits"] <= cross
 

@@ -72,6 +72,14 @@ def cuda_source(spec: NeuronSpec, dtype: str = "float32", h_dtype: Optional[str]
 #include <math.h>
 """)
     src = []
+    # one thread per k x k window (partial ones at the edges too): its plane p, window row/col, channel c
+    window = (f"const long long k = {pool_k}; "
+              "const long long Hc = (H + k - 1) / k, Wc = (W + k - 1) / k, Ho = H / k, Wo = W / k; "
+              "const long long RW = W * C, M = P * H * RW, Mo = P * Ho * Wo * C, words = (M + 31) / 32; "
+              "const long long w_id = (long long)blockIdx.x * blockDim.x + threadIdx.x; "
+              "if (w_id >= P * Hc * Wc * C) return; "
+              "const long long c = w_id % C, wc = (w_id / C) % Wc, hc = (w_id / (C * Wc)) % Hc, "
+              "p = w_id / (C * Wc * Hc); (void)Mo; (void)RW;")
     # NOTE: types are typedef'd inside each kernel (several variants may share one translation unit).
     types = f"typedef {TX} TX; typedef {T} T; typedef {HT} HT;"
     src.append(f"""
@@ -133,12 +141,7 @@ extern "C" __global__ void {p}_pool_fwd(const TX* __restrict__ xs, long long x_s
     double vr_) {{
   {types}
   {consts}
-  const long long k = {pool_k};
-  const long long Hc = (H + k - 1) / k, Wc = (W + k - 1) / k, Ho = H / k, Wo = W / k;
-  const long long RW = W * C, M = P * H * RW, Mo = P * Ho * Wo * C, words = (M + 31) / 32;
-  const long long w_id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (w_id >= P * Hc * Wc * C) return;
-  const long long c = w_id % C, wc = (w_id / C) % Wc, hc = (w_id / (C * Wc)) % Hc, p = w_id / (C * Wc * Hc);
+  {window}
   long long idx[{kk}];
   T v[{kk}];
   for (int e = 0; e < {kk}; ++e) {{
@@ -175,12 +178,7 @@ extern "C" __global__ void {p}_pool_bwd(const TX* __restrict__ g_out, const HT* 
   {types}
   {consts}
   const T A = (T)alpha_;
-  const long long k = {pool_k};
-  const long long Hc = (H + k - 1) / k, Wc = (W + k - 1) / k, Ho = H / k, Wo = W / k;
-  const long long RW = W * C, M = P * H * RW, Mo = P * Ho * Wo * C, words = (M + 31) / 32;
-  const long long w_id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (w_id >= P * Hc * Wc * C) return;
-  const long long c = w_id % C, wc = (w_id / C) % Wc, hc = (w_id / (C * Wc)) % Hc, p = w_id / (C * Wc * Hc);
+  {window}
   long long idx[{kk}];
   T gvs[{kk}], gacc[{kk}];
   {"double gk = 0.0;" if plif else ""}
