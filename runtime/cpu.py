@@ -147,8 +147,9 @@ static inline void step_fwd(const T* xt, T* vb, T* hb, u8* sb, int64_t n,
   }}
 }}
 
-// One backward step over n neurons: from the spike grads gsb and H/spikes of the step, update gv; gx out.
-static inline void step_bwd(const HT* ht, const u8* sb, const T* gsb, T* gvb, T* gxb, int64_t n,
+// One backward step over n neurons: from the spike grads gsb and H/spikes of the step, update gv; gx out
+// (and, for PLIF's weight gradient, gh of the step when ghb is given).
+static inline void step_bwd(const HT* ht, const u8* sb, const T* gsb, T* gvb, T* gxb, T* ghb, int64_t n,
                             double tau_, double kc_, double vth_, double vr_, double alpha_) {{
   CONSTS
   const T A = (T)alpha_;
@@ -159,6 +160,7 @@ static inline void step_bwd(const HT* ht, const u8* sb, const T* gsb, T* gvb, T*
     const T z = h - VTH;
     {cg.surrogate(spec)}
     gh = gh + gs * d;
+    {"ghb[i] = gh;" if plif else "(void)ghb;"}
     {cg.charge_grads(spec)}
     gvb[i] = gv;
     gxb[i] = gx;
@@ -166,34 +168,11 @@ static inline void step_bwd(const HT* ht, const u8* sb, const T* gsb, T* gvb, T*
 }}
 """
     bwd_loop = f"""
-      step_bwd(hs + t * M + start, sb, gsb, gvb, gxb, n, tau_, kc_, vth_, vr_, alpha_);
+      step_bwd(hs + t * M + start, sb, gsb, gvb, gxb, {"ghb" if plif else "0"}, n, tau_, kc_, vth_, vr_, alpha_);
       {plif_prev}
       {"" if not plif else "for (int64_t i = 0; i < n; ++i) { const T gh = ghb[i]; " + plif_step + " }"}
       if (broadcast) {{ for (int64_t i = 0; i < n; ++i) gacc[i] += gxb[i]; }}
       else {{ T* gxt = g_x + t * M + start; for (int64_t i = 0; i < n; ++i) gxt[i] = gxb[i]; }}"""
-    if plif:
-        # PLIF's dH/dk term needs gh of each step: a step_bwd variant that also writes it out.
-        bwd_loop = bwd_loop.replace("step_bwd(", "step_bwd_gh(")
-        common += f"""
-static inline void step_bwd_gh(const HT* ht, const u8* sb, const T* gsb, T* gvb, T* gxb, T* ghb, int64_t n,
-                               double tau_, double kc_, double vth_, double vr_, double alpha_) {{
-  CONSTS
-  const T A = (T)alpha_;
-  for (int64_t i = 0; i < n; ++i) {{
-    const T h = (T)ht[i], s = (T)sb[i], gs_in = gsb[i];
-    T gv = gvb[i], gs, gh, gx, d;
-    {cg.bwd_reset(spec)}
-    const T z = h - VTH;
-    {cg.surrogate(spec)}
-    gh = gh + gs * d;
-    ghb[i] = gh;
-    {cg.charge_grads(spec)}
-    gvb[i] = gv;
-    gxb[i] = gx;
-  }}
-}}
-"""
-        bwd_loop = bwd_loop.replace("gvb, gxb, n,", "gvb, gxb, ghb, n,")
     nscratch = 4 if plif else 3
     # per-thread scratch of the backward scans: gradient state, accumulators, spikes of this/previous step
     common += ("#define BWD_SCRATCH \\\n"
