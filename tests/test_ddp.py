@@ -10,7 +10,6 @@ shares them with the model, so this exercises that path too.
 """
 from __future__ import annotations
 
-import copy
 import os
 import socket
 
