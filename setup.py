@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["snncc", "snncc.passes", "snncc.runtime", "snncc.runtime.cuda", "snncc.tools"],
+    packages=["snncc", "snncc.data", "snncc.passes", "snncc.runtime", "snncc.runtime.cuda", "snncc.tools"],
     package_dir={"snncc": "snncc", "snncc.passes": "passes", "snncc.runtime": "runtime",
                  "snncc.tools": "tools"},
     install_requires=["torch>=2.1", "networkx>=3.0", "numpy", "tqdm", "rich>=12"],

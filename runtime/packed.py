@@ -183,10 +183,16 @@ class _PackedConv(torch.autograd.Function):
         if isinstance(padding, str):      # 'same' / 'valid': as numbers for convolution_backward
             k = weight.shape[2:]
             padding = tuple(0 for _ in k) if padding == "valid" else tuple(d * (s - 1) // 2 for s, d in zip(k, dilation))
+        # NOTE: under autocast the forward ran in the autocast dtype (gy's); backward runs outside it
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            gy, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding), list(dilation),
-            False, [0] * len(stride), groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
-        return gx, gw, gb, None, None, None, None
+            gy, x.to(gy.dtype), weight.to(gy.dtype), [weight.shape[0]] if has_bias else None, list(stride),
+            list(padding), list(dilation), False, [0] * len(stride), groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
+        return (_as(gx, dtype), _as(gw, weight.dtype), _as(gb, weight.dtype), None, None, None, None)
+
+
+def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype)
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -207,10 +213,11 @@ class _PackedLinear(torch.autograd.Function):
         shape, strides, dtype, packed = ctx.meta
         saved, weight = ctx.saved_tensors
         x = unpack_spikes(saved, shape, strides, dtype) if packed else saved
-        gx = gy.matmul(weight) if ctx.needs_input_grad[0] else None
+        w, x = weight.to(gy.dtype), x.to(gy.dtype)      # autocast: the forward ran in gy's dtype
+        gx = gy.matmul(w) if ctx.needs_input_grad[0] else None
         gw = gy.reshape(-1, gy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
         gb = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+        return _as(gx, dtype), _as(gw, weight.dtype), _as(gb, weight.dtype)
 
 
 def packed_conv(m: torch.nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = None,

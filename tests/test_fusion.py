@@ -359,3 +359,22 @@ def test_sparse_kernels_see_weight_updates():
             torch.testing.assert_close(packed_conv(conv, xc), conv(xc), rtol=1e-5, atol=1e-5)
             lin.weight.add_(1.0)
             conv.weight.mul_(-2.0)
+
+
+def test_autocast_training_runs_and_tracks_eager():
+    """Under torch.autocast (bfloat16 on CPU) a compiled training step runs, gradients come back in the
+    parameters' dtype, and the loss is eager's to bfloat16 precision (a spike may flip at bf16 rounding)."""
+    torch.manual_seed(0)
+    m = ConvPoolNet(bn=True)
+    ref = copy.deepcopy(m)
+    x = torch.rand(3, 2, 8, 8) * 3
+    cm = snncc.compile(m, T=4)
+    from conftest import eager_run
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = cm(x)
+        y_ref = eager_run(ref, x, T=4)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    loss, loss_ref = y.float().mean(), y_ref.float().mean()
+    assert abs(loss.item() - loss_ref.item()) < 0.05
+    grads = torch.autograd.grad(loss, list(cm.parameters()))
+    assert all(g.dtype == p.dtype and torch.isfinite(g).all() for g, p in zip(grads, cm.parameters()))
