@@ -1,7 +1,8 @@
 """insert_bitpack: mark convolutions and linear layers whose input is spikes, so they keep it as bits.
 
 Requires: a TaskGraph after fusion. Guarantees: ``spike_input=True`` on every conv/linear task whose input
-is the output of a neuron with a surrogate snncc knows (spikes are exactly 0 or 1), possibly through max
+is the output of a neuron whose spikes are exactly 0 or 1 (a surrogate snncc knows, or a user's that
+``plain_step_surrogate`` accepts), possibly through max
 pooling and flattening (which keep values in {0, 1}). Such a task keeps its input for the weight gradient
 as 1 bit per element instead of a float, 32x less; the executor checks the values while packing and keeps
 the dense tensor if any is not 0/1, so a wrong mark costs memory, never correctness.
@@ -17,6 +18,7 @@ from torch import nn
 
 from snncc.frontend import Traced
 from snncc.ir import Ref, Steps, Task, TaskGraph
+from snncc.runtime.codegen import plain_step_surrogate
 
 __all__ = ["insert_bitpack", "spike_valued"]
 
@@ -43,7 +45,8 @@ def spike_valued(tg: TaskGraph, traced: Traced) -> Dict[str, bool]:
         src = _source(t.args[0]) if t.args else ""
         if t.kind == "neuron":
             b = traced.bindings.get(t.target)
-            out[name] = b is not None and not b.spec.surrogate.opaque
+            out[name] = b is not None and (not b.spec.surrogate.opaque or
+                                           plain_step_surrogate(b.spec.surrogate.fn))
         elif t.kind == "module":
             m = traced.root.get_submodule(t.target)
             out[name] = isinstance(m, _KEEP_BINARY_MODULES) and out.get(src, False) and not t.fused

@@ -13,9 +13,13 @@ surrogate derivative, ``vp`` V before the step (PLIF's weight gradient).
 """
 from __future__ import annotations
 
+from typing import Any, Dict, Tuple
+
+import torch
+
 from snncc.neurons import NeuronSpec
 
-__all__ = ["KINDS", "KINDS2", "SURROGATES", "supported", "charge", "reset", "bwd_reset", "surrogate", "charge_grads",
+__all__ = ["KINDS", "KINDS2", "SURROGATES", "supported", "plain_step_surrogate", "charge", "reset", "bwd_reset", "surrogate", "charge_grads",
            "dh_dk", "EXP_FLOAT"]
 
 #: neuron kinds with generated kernels: H affine in V and X with one state variable (both targets)...
@@ -32,6 +36,9 @@ SURROGATES = {
     "triangle": "{ T q = A - FABS(z); d = (q > (T)0 ? q : (T)0) / (A * A); }",
     "rectangular": "{ d = FABS(z) < A / (T)2 ? (T)1 / A : (T)0; }",
     "erf": "{ T q = z * A; d = EXP(-(q * q)) * (A / (T)1.7724538509055159); }",
+    # a user's surrogate (snncc.surrogate: name "callable"): its derivative is computed by its own
+    # backward before the kernel runs, for all steps at once, and read here
+    "callable": "{ d = dsur[i]; }",
 }
 
 #: A branch-free expf (Cephes' polynomial, ~2 ulp) that gcc vectorizes; libm's expf is a scalar call. Used
@@ -59,9 +66,53 @@ static inline float snn_expf(float x) {
 
 def supported(spec: NeuronSpec, two_state: bool = False) -> bool:
     """Whether kernels can be generated for ``spec`` (else: the reference scan); ``two_state``: also the
-    Izhikevich and adaptive-LIF kernels (C target)."""
+    Izhikevich and adaptive-LIF kernels (C target). A user's surrogate is supported by the one-state
+    kernels when :func:`plain_step_surrogate` accepts it."""
+    if spec.surrogate.opaque:
+        return spec.kind in KINDS and plain_step_surrogate(spec.surrogate.fn)
     kinds = KINDS + KINDS2 if two_state else KINDS
-    return spec.kind in kinds and not spec.surrogate.opaque and spec.surrogate.name in SURROGATES
+    return spec.kind in kinds and spec.surrogate.name in SURROGATES
+
+
+_PROBED: Dict[int, Tuple[Any, bool]] = {}
+
+
+def plain_step_surrogate(fn: Any) -> bool:
+    """Is a user's surrogate a plain spike function: forward exactly ``z >= 0`` and backward an elementwise
+    derivative times the incoming gradient? Checked once per callable on probe values (the threshold
+    itself, +-0, tiny and large values, random ones) in float32 and float64: if so the kernels run its
+    forward themselves and call its backward once per chunk for the derivative; if not (``z > 0``, a
+    stochastic spike, a non-elementwise backward...) the reference scan calls it as is, step by step.
+    """
+    hit = _PROBED.get(id(fn))
+    if hit is not None and hit[0] is fn:
+        return hit[1]
+    ok = True
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        fixed = torch.tensor([-1e3, -2.0, -1.0, -0.5, -1e-7, -0.0, 0.0, 1e-7, 0.5, 1.0, 2.0, 1e3], dtype=dtype)
+        z = torch.cat([fixed, torch.randn(64, generator=gen, dtype=dtype) * 3])
+        try:
+            with torch.enable_grad():
+                zz = z.clone().requires_grad_(True)
+                s = fn(zz)
+                if not (isinstance(s, torch.Tensor) and s.shape == z.shape and
+                        torch.equal(s.detach(), (z >= 0).to(s.dtype))):
+                    ok = False
+                    break
+                u = torch.randn(z.shape, generator=gen, dtype=dtype)
+                (g1,) = torch.autograd.grad(s, zz, u, retain_graph=True)
+                (g2,) = torch.autograd.grad(s, zz, torch.ones_like(z))
+            with torch.no_grad():
+                s0 = fn(z.clone())
+            ok = torch.allclose(g1, u * g2, rtol=1e-5, atol=1e-7) and torch.isfinite(g2).all().item() and \
+                torch.equal(s0, (z >= 0).to(s0.dtype))
+        except Exception:
+            ok = False
+        if not ok:
+            break
+    _PROBED[id(fn)] = (fn, bool(ok))
+    return bool(ok)
 
 
 def _reset0(spec: NeuronSpec) -> bool:

@@ -14,6 +14,7 @@ No compiler: the reference backend, with one warning.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -80,6 +81,8 @@ def kernel_source(spec: NeuronSpec, dtype: torch.dtype, h_dtype: Optional[torch.
       is written straight from registers and the full-size spike tensor never exists. Backward routes each
       window's gradient to the element torch's max_pool2d picks (the first maximum in row-major order).
     """
+    if spec.surrogate.opaque:       # the derivative is an input: one source for every user surrogate
+        spec = dataclasses.replace(spec, surrogate=dataclasses.replace(spec.surrogate, fn=None))
     T = _CTYPE[dtype]
     HT = _HTYPE[h_dtype or dtype]
     plif = spec.kind == "plif"
@@ -149,10 +152,11 @@ static inline void step_fwd(const T* xt, T* vb, T* hb, u8* sb, int64_t n,
 
 // One backward step over n neurons: from the spike grads gsb and H/spikes of the step, update gv; gx out
 // (and, for PLIF's weight gradient, gh of the step when ghb is given).
-static inline void step_bwd(const HT* ht, const u8* sb, const T* gsb, T* gvb, T* gxb, T* ghb, int64_t n,
+static inline void step_bwd(const HT* ht, const u8* sb, const T* gsb, T* gvb, T* gxb, T* ghb, const T* dsur, int64_t n,
                             double tau_, double kc_, double vth_, double vr_, double alpha_) {{
   CONSTS
   const T A = (T)alpha_;
+  (void)A; (void)dsur;
   for (int64_t i = 0; i < n; ++i) {{
     const T h = (T)ht[i], s = (T)sb[i], gs_in = gsb[i];
     T gv = gvb[i], gs, gh, gx, d;
@@ -168,7 +172,8 @@ static inline void step_bwd(const HT* ht, const u8* sb, const T* gsb, T* gvb, T*
 }}
 """
     bwd_loop = f"""
-      step_bwd(hs + t * M + start, sb, gsb, gvb, gxb, {"ghb" if plif else "0"}, n, tau_, kc_, vth_, vr_, alpha_);
+      step_bwd(hs + t * M + start, sb, gsb, gvb, gxb, {"ghb" if plif else "0"}, dsur ? dsur + t * M + start : 0,
+               n, tau_, kc_, vth_, vr_, alpha_);
       {plif_prev}
       {"" if not plif else "for (int64_t i = 0; i < n; ++i) { const T gh = ghb[i]; " + plif_step + " }"}
       if (broadcast) {{ for (int64_t i = 0; i < n; ++i) gacc[i] += gxb[i]; }}
@@ -203,7 +208,7 @@ void scan_fwd(const T* xs, int64_t x_stride, const T* v0, T* spikes, u8* bits, H
   }}
 }}
 
-void scan_bwd(const T* g_spikes, const HT* hs, const u8* bits, const T* g_vlast, T* g_x, int broadcast,
+void scan_bwd(const T* g_spikes, const HT* hs, const T* dsur, const u8* bits, const T* g_vlast, T* g_x, int broadcast,
               T* g_v0, int64_t K, int64_t M, double tau_, double kc_, double vth_, double vr_, double alpha_,
               int nthreads{plif_args}) {{
   const int64_t U = (M + BLK - 1) / BLK, UB = BLK / 8, CAP = BLK;
@@ -294,7 +299,7 @@ void pool_fwd(const T* xs, int64_t x_stride, const T* v0, T* out, u8* bits, HT* 
   }}
 }}
 
-void pool_bwd(const T* g_out, const HT* hs, const u8* bits, const T* g_vlast, T* g_x, int broadcast,
+void pool_bwd(const T* g_out, const HT* hs, const T* dsur, const u8* bits, const T* g_vlast, T* g_x, int broadcast,
               T* g_v0, int64_t K, int64_t P, int64_t H, int64_t W, int64_t C, int64_t k, int64_t out_cf,
               double tau_, double kc_, double vth_, double vr_, double alpha_, int nthreads{plif_args}) {{
   POOL_GEOM
@@ -368,11 +373,11 @@ def _library(src: str) -> Any:
         i64, dbl, ptr, cint = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
         extra = [ptr, i64, ptr, ptr] if "double* gk_part" in src else []     # PLIF: xs, x_stride, v0, gk
         lib.scan_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, dbl, dbl, dbl, dbl, cint]
-        lib.scan_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, dbl, dbl, dbl, dbl, dbl,
+        lib.scan_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, dbl, dbl, dbl, dbl, dbl,
                                  cint] + extra
         lib.pool_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
                                  dbl, dbl, dbl, dbl, cint]
-        lib.pool_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, i64, i64, i64,
+        lib.pool_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, i64, i64, i64,
                                  dbl, dbl, dbl, dbl, dbl, cint] + extra
         _LIBS[key] = lib
         return lib
@@ -687,6 +692,16 @@ def pool_geometry(x_step: torch.Tensor, k: int) -> Tuple[int, int, int, int, int
     return P, h, w, C, P * (Ho + (rem > 0))
 
 
+def _user_derivative(spec: NeuronSpec, hs: torch.Tensor) -> torch.Tensor:
+    """d spike / d z of a user's surrogate at z = H - V_th for every step, through its own backward (one
+    call for the chunk; ``codegen.plain_step_surrogate`` checked it is elementwise and linear)."""
+    with torch.enable_grad():
+        z = (hs - spec.v_threshold).detach().requires_grad_(True)
+        s = spec.surrogate.fn(z)
+        (d,) = torch.autograd.grad(s, z, torch.ones_like(s))
+    return _dense_like(d.to(hs.dtype), hs)
+
+
 def _forward_kernel(lib: Any, spec: NeuronSpec, x: torch.Tensor, x_step: torch.Tensor, broadcast: bool, K: int,
                     v0: Optional[torch.Tensor], w: Optional[torch.Tensor], pool: Optional[int], keep: bool,
                     h_dtype: Optional[torch.dtype], want_out: bool = True, pool_cf: bool = False):
@@ -771,6 +786,7 @@ class _CScan(torch.autograd.Function):
             hs = full
         h0 = hs[0]
         dtype = ctx.x_dtype
+        dsur = _user_derivative(spec, hs) if spec.surrogate.opaque else None
         # the gradient of one step's input: laid out like H (and the input), in the input's dtype
         g_step = buffers.empty(tuple(h0.shape), dtype, h0.device, channels_last=_channels_last(h0))
         if g_out is not None:
@@ -794,12 +810,12 @@ class _CScan(torch.autograd.Function):
         gk_part = torch.zeros(units, dtype=torch.float64) if plif else None
         extra = [x.data_ptr(), 0 if ctx.broadcast else M, _p(v0), gk_part.data_ptr()] if plif else []
         if pool is None:
-            lib.scan_bwd(_p(g_out), hs.data_ptr(), bits.data_ptr(), _p(g_v_last), g_x.data_ptr(),
+            lib.scan_bwd(_p(g_out), hs.data_ptr(), _p(dsur), bits.data_ptr(), _p(g_v_last), g_x.data_ptr(),
                          int(ctx.broadcast), g_v0.data_ptr(), K, M, tau, kc, vth, vr,
                          float(spec.surrogate.alpha), nt, *extra)
         else:
             P, H, W, C, _ = pool_geometry(h0, pool)
-            lib.pool_bwd(_p(g_out), hs.data_ptr(), bits.data_ptr(), _p(g_v_last), g_x.data_ptr(),
+            lib.pool_bwd(_p(g_out), hs.data_ptr(), _p(dsur), bits.data_ptr(), _p(g_v_last), g_x.data_ptr(),
                          int(ctx.broadcast), g_v0.data_ptr(), K, P, H, W, C, pool, int(ctx.pool_cf), tau, kc, vth, vr,
                          float(spec.surrogate.alpha), nt, *extra)
         g_w = None

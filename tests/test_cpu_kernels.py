@@ -211,3 +211,36 @@ def test_pool_epilogue_channels_first_output(monkeypatch):
         res.append((s, v, gx))
     assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
     assert torch.equal(res[0][2], res[1][2])
+
+
+@pytest.mark.parametrize("pool", [None, 2])
+@pytest.mark.parametrize("kind,v_reset", [("lif", 0.0), ("plif", None), ("if", 0.0)])
+def test_user_surrogates_run_in_the_kernels(kind, v_reset, pool, monkeypatch):
+    """Seed 001's hand-written surrogates (plain z >= 0 spikes, elementwise backward): the C kernels run
+    them (their derivative from their own backward, once per chunk) and match the reference scan."""
+    from conftest import seed_surrogate_functions
+    from snncc.runtime import codegen
+    for name, F in seed_surrogate_functions(lambda x: (x >= 0).to(x.dtype)).items():
+        fn = (lambda F: lambda z: F.apply(z, 2.0))(F)
+        assert codegen.plain_step_surrogate(fn), name
+        spec = NeuronSpec(kind, SurrogateSpec("callable", 1.0, fn), v_reset=v_reset,
+                          learnable=("w",) if kind == "plif" else ())
+        _compare(spec, torch.float64, monkeypatch, pool=pool)
+
+
+def test_unplain_user_surrogates_stay_on_the_reference():
+    from snncc.runtime import codegen
+    strict = lambda z: (z > 0).to(z.dtype) + 0 * z           # noqa: E731  spikes at z > 0
+    rand = lambda z: (z + 0.1 * torch.randn_like(z) >= 0).to(z.dtype)   # noqa: E731  stochastic
+
+    class Coupled(torch.autograd.Function):                   # backward mixes elements
+        @staticmethod
+        def forward(ctx, z):
+            return (z >= 0).to(z.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.sum() * torch.ones_like(g)
+    for fn in (strict, rand, Coupled.apply):
+        assert not codegen.plain_step_surrogate(fn)
+        assert not cpu.supports(NeuronSpec("lif", SurrogateSpec("callable", 1.0, fn)), torch.zeros(3))

@@ -97,16 +97,24 @@ def test_bitpack_marks_spike_fed_conv_and_linear():
     assert marked == {"c2", "fc"}      # c1 reads the (analog) input
 
 
-def test_opaque_surrogate_spikes_are_not_marked_binary():
-    class Step(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, z):
-            return (z >= 0).to(z.dtype)
+class _Step(torch.autograd.Function):
+    """A user's surrogate: spike z >= 0 (or z > 0 with ``strict``), straight-through backward."""
 
-        @staticmethod
-        def backward(ctx, g):
-            return g
-    tg = _compiled(ConvPoolNet(surrogate=Step.apply))
+    @staticmethod
+    def forward(ctx, z, strict=False):
+        return ((z > 0) if strict else (z >= 0)).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def test_user_surrogate_spikes_marked_binary_only_when_plain():
+    """A user's surrogate that spikes at z >= 0 gives 0/1 spikes (marked); one spiking at z > 0 is not a
+    plain step (it disagrees at the threshold) and its layer stays on the reference scan, unmarked."""
+    tg = _compiled(ConvPoolNet(surrogate=_Step.apply))
+    assert {t.target for t in tg.tasks() if t.spike_input} == {"c2", "fc"}
+    tg = _compiled(ConvPoolNet(surrogate=lambda z: _Step.apply(z, True)))
     assert not any(t.spike_input for t in tg.tasks())
 
 

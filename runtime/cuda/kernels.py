@@ -36,7 +36,7 @@ def kernel_names(prefix: str) -> tuple:
 def cuda_source(spec: NeuronSpec, dtype: str = "float32", h_dtype: Optional[str] = None, pool_k: int = 2,
                 prefix: str = "snncc", header: bool = True) -> str:
     """CUDA C++ (extern "C" kernels named ``<prefix>_scan_fwd`` ...) for ``spec`` on ``dtype`` inputs."""
-    if not codegen.supported(spec):
+    if spec.surrogate.opaque or not codegen.supported(spec):
         raise ValueError(f"no CUDA kernels for {spec}")
     TX, T = CTYPES[dtype]
     HT = _HTYPES[h_dtype or ("float32" if T == "float" else "float64")]
