@@ -693,13 +693,20 @@ def pool_geometry(x_step: torch.Tensor, k: int) -> Tuple[int, int, int, int, int
 
 
 def _user_derivative(spec: NeuronSpec, hs: torch.Tensor) -> torch.Tensor:
-    """d spike / d z of a user's surrogate at z = H - V_th for every step, through its own backward (one
-    call for the chunk; ``codegen.plain_step_surrogate`` checked it is elementwise and linear)."""
-    with torch.enable_grad():
-        z = (hs - spec.v_threshold).detach().requires_grad_(True)
-        s = spec.surrogate.fn(z)
-        (d,) = torch.autograd.grad(s, z, torch.ones_like(s))
-    return _dense_like(d.to(hs.dtype), hs)
+    """d spike / d z of a user's surrogate at z = H - V_th for every step, through its own backward
+    (``codegen.plain_step_surrogate`` checked it is elementwise and linear in the incoming gradient).
+
+    NOTE: called a step at a time, as eager calls it: its temporaries stay step-sized (reused by the
+    allocator) instead of chunk-sized (a fresh, page-faulted block per temporary per call).
+    """
+    out = _steps_like(hs[0], hs.shape[0], dtype=hs.dtype)
+    for t in range(hs.shape[0]):
+        with torch.enable_grad():
+            z = (hs[t] - spec.v_threshold).detach().requires_grad_(True)
+            s = spec.surrogate.fn(z)
+            (d,) = torch.autograd.grad(s, z, torch.ones_like(s))
+        out[t].copy_(d)
+    return out
 
 
 def _forward_kernel(lib: Any, spec: NeuronSpec, x: torch.Tensor, x_step: torch.Tensor, broadcast: bool, K: int,
