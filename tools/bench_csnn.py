@@ -20,7 +20,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -37,6 +37,14 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     opt.step()
 
 
+def _surrogate(name: str) -> Optional[nn.Module]:
+    """None (SpikingJelly's Sigmoid) or seed 001's hand-written surrogate module (examples/surrogate_study)."""
+    if name == "sigmoid":
+        return None
+    from examples import surrogate_study as ss
+    return {"superspike": ss.SuperSpike, "sigmoid_derivative": ss.SigmoidDerivative, "esser": ss.Esser}[name]()
+
+
 def _timed(fn: Callable[[], None]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -51,11 +59,13 @@ def main(argv: List[str] = None) -> Dict[str, Dict[str, float]]:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the eager loop")
     ap.add_argument("--json", help="write the medians here")
+    ap.add_argument("--surrogate", default="sigmoid", choices=["sigmoid", "superspike", "sigmoid_derivative", "esser"],
+                    help="SpikingJelly's Sigmoid (default) or one of seed 001's hand-written surrogates")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
-    base = BasicCSNN(T=args.T)
+    base = BasicCSNN(T=args.T, surrogate_function=_surrogate(args.surrogate))
     variants: Dict[str, nn.Module] = {"eager": copy.deepcopy(base), "snncc": snncc.compile(copy.deepcopy(base)),
                                       "snncc-half": snncc.compile(copy.deepcopy(base), memory="half"),
                                       "snncc-min": snncc.compile(copy.deepcopy(base), memory="min")}
@@ -84,7 +94,7 @@ def main(argv: List[str] = None) -> Dict[str, Dict[str, float]]:
     for k, m in variants.items():
         m.train()
         med[k]["saved_mb"] = saved_bytes(m, x) / 2 ** 20
-    print(f"CSNN T={args.T} batch={args.batch} | torch {torch.__version__} | {platform.processor() or platform.machine()}"
+    print(f"CSNN T={args.T} batch={args.batch} surrogate={args.surrogate} | torch {torch.__version__} | {platform.processor() or platform.machine()}"
           f" | {torch.get_num_threads()} threads | {datetime.date.today()}")
     print(f"{'variant':<15}{'train ms':>10}{'infer ms':>10}{'train x':>9}{'infer x':>9}{'saved MB':>10}{'saved /eager':>13}")
     for k, d in med.items():
