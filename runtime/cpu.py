@@ -56,11 +56,19 @@ def supports(spec: NeuronSpec, *tensors: Optional[torch.Tensor], two_state: bool
     return compiler_available()
 
 
+_FOUND: Dict[Tuple[str, str], bool] = {}
+
+
 def compiler_available() -> bool:
+    """A C compiler is on PATH (``$CC`` or gcc) and the reference backend is not forced. Looked up once
+    per (CC, PATH): this is asked on every kernel call."""
     global _WARNED
     if os.environ.get("SNNCC_BACKEND", "") == "reference":
         return False
-    ok = shutil.which(os.environ.get("CC", "gcc")) is not None
+    key = (os.environ.get("CC", "gcc"), os.environ.get("PATH", ""))
+    if key not in _FOUND:
+        _FOUND[key] = shutil.which(key[0]) is not None
+    ok = _FOUND[key]
     if not ok and not _WARNED:
         warnings.warn("snncc: no C compiler found (set CC or install gcc): neuron scans run on the reference "
                       "torch backend, slower but identical.", RuntimeWarning)
@@ -652,6 +660,28 @@ def bits_library(dtype: torch.dtype) -> Any:
     return lib
 
 
+_BY_SPEC: Dict[Any, Any] = {}
+
+
+def _kernels(spec: NeuronSpec, dtype: torch.dtype, pool: Optional[int]) -> Any:
+    """The compiled scans for a spec, memoized by spec (generating and hashing the source every call
+    costs more than the kernel on small layers)."""
+    key = (spec if not spec.surrogate.opaque else dataclasses.replace(
+        spec, surrogate=dataclasses.replace(spec.surrogate, fn=None)), dtype, pool)
+    lib = _BY_SPEC.get(key)
+    if lib is None:
+        lib = _BY_SPEC[key] = _library(kernel_source(spec, dtype, pool=pool))
+    return lib
+
+
+def _kernels2(spec: NeuronSpec, dtype: torch.dtype) -> Any:
+    key = ("two_state", spec, dtype)
+    lib = _BY_SPEC.get(key)
+    if lib is None:
+        lib = _BY_SPEC[key] = _library(kernel_source2(spec, dtype))
+    return lib
+
+
 def _p(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
@@ -758,7 +788,7 @@ class _CScan(torch.autograd.Function):
             x = x.contiguous()
             x_step = x if broadcast else x[0]
         v0 = None if v0 is None else _dense_like(v0, x_step)     # None: the reset state, set by the kernel
-        lib = _library(kernel_source(spec, x.dtype, pool=pool))
+        lib = _kernels(spec, x.dtype, pool)
         keep = need_grad and not recompute
         out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, broadcast, K, v0, w, pool, keep, None,
                                            pool_cf=pool_cf and pool is not None)
@@ -782,7 +812,7 @@ class _CScan(torch.autograd.Function):
     def backward(ctx: Any, g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor]):
         hs, bits, x, v0, w = ctx.saved_tensors
         spec, K, pool = ctx.spec, ctx.K, ctx.pool
-        lib = _library(kernel_source(spec, ctx.x_dtype, pool=pool))
+        lib = _kernels(spec, ctx.x_dtype, pool)
         if ctx.recompute:
             x_step = x if ctx.broadcast else x[0]
             _, _, hs, bits = _forward_kernel(lib, spec, x, x_step, ctx.broadcast, K, v0, w, pool, True,
@@ -860,7 +890,7 @@ class _CScan2(torch.autograd.Function):
         bits = buffers.empty((K * units * (_BLOCK // 8),), torch.uint8, x.device) if need_grad else None
         out = buffers.empty((K,) + tuple(x_step.shape), x.dtype, x.device)
         v, u = buffers.empty_like(x_step.contiguous()), buffers.empty_like(x_step.contiguous())
-        lib = _library(kernel_source2(spec, x.dtype))
+        lib = _kernels2(spec, x.dtype)
         tau, _, vth, vr = _consts(spec, None)
         lib.scan2_fwd(x.data_ptr(), 0 if broadcast else M, _p(v0), _p(u0), out.data_ptr(), _p(bits), _p(hs),
                       v.data_ptr(), u.data_ptr(), K, M, tau, vth, vr, torch.get_num_threads())
@@ -881,7 +911,7 @@ class _CScan2(torch.autograd.Function):
         g_u = None if g_u is None else g_u.contiguous()
         g_x = buffers.empty(tuple(h0.shape) if ctx.broadcast else tuple(hs.shape), hs.dtype, hs.device)
         g_v0, g_u0 = buffers.empty_like(h0), buffers.empty_like(h0)
-        lib = _library(kernel_source2(spec, hs.dtype))
+        lib = _kernels2(spec, hs.dtype)
         tau, _, vth, vr = _consts(spec, None)
         lib.scan2_bwd(_p(g_out), hs.data_ptr(), bits.data_ptr(), _p(g_v), _p(g_u), g_x.data_ptr(),
                       int(ctx.broadcast), g_v0.data_ptr(), g_u0.data_ptr(), _p(v0), _p(u0), K, M, tau, vth, vr,
