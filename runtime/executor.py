@@ -68,6 +68,8 @@ def _module_rank(m: nn.Module) -> Optional[int]:
 
 
 _CL_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+#: spike inputs smaller than this (elements) are not bit-packed nor run spike-driven (per-call overhead)
+_SMALL = 1 << 15
 
 
 def _to_channels_last(x: Any) -> Any:
@@ -214,14 +216,16 @@ class Executor:
             w, b = m.weight, m.bias
             if fold is not None:
                 w, b = _fold_bn(w, b, self.modules[fold.module])
-            pack = task.spike_input and torch.is_grad_enabled() and w.requires_grad
+            # NOTE: below _SMALL elements packing saves little memory and costs more than it saves in time
+            pack = task.spike_input and torch.is_grad_enabled() and w.requires_grad and x.numel() >= _SMALL
             if isinstance(m, nn.Linear):
-                if task.spike_input and (pack or x.device.type == "cpu"):
+                if task.spike_input and (pack or (x.device.type == "cpu" and x.numel() >= _SMALL)):
                     return packed_linear(m, x)      # bits for backward; spike-driven forward on CPU
                 return nn.functional.linear(x, w, b)
             if cl:
                 x = _to_channels_last(x)
-            if task.spike_input and m.padding_mode == "zeros" and (pack or x.device.type == "cpu"):
+            if task.spike_input and m.padding_mode == "zeros" and \
+                    (pack or (x.device.type == "cpu" and x.numel() >= _SMALL)):
                 return packed_conv(m, x, w, b)      # bits for backward; spike-driven forward on CPU
             return m._conv_forward(x, w, b)
         return self._call(task, run, fn, None if rank is None else

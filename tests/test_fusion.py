@@ -386,3 +386,48 @@ def test_autocast_training_runs_and_tracks_eager():
     assert abs(loss.item() - loss_ref.item()) < 0.05
     grads = torch.autograd.grad(loss, list(cm.parameters()))
     assert all(g.dtype == p.dtype and torch.isfinite(g).all() for g, p in zip(grads, cm.parameters()))
+
+
+class _WideNet(nn.Module):
+    """Spike inputs big enough (>= executor._SMALL elements) for the packed and spike-driven paths."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.n1 = snncc.LIF(v_threshold=0.5)
+        self.p1 = nn.MaxPool2d(2)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.n2 = snncc.LIF(v_threshold=0.5)
+        self.fc = nn.Linear(8 * 16 * 16, 10)
+        with torch.no_grad():
+            self.c1.weight.mul_(3.0)
+            self.c2.weight.mul_(3.0)
+
+    def forward(self, x):
+        return self.fc(self.n2(self.c2(self.p1(self.n1(self.c1(x))))).flatten(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_spike_inputs_take_the_packed_and_sparse_paths(dtype, monkeypatch):
+    """Through the executor: conv/linear inputs kept as bits (both dtypes), the spike-driven conv used
+    (float32), and still compiled == eager (float64: exactly the same spikes)."""
+    from snncc.runtime import executor, packed
+    calls = {"pack": 0, "sparse": 0}
+    real_pack, real_sparse = packed.pack_count, packed._sparse_conv2d
+
+    def count_pack(x):
+        calls["pack"] += 1
+        return real_pack(x)
+
+    def count_sparse(*a):
+        calls["sparse"] += 1
+        return real_sparse(*a)
+    monkeypatch.setattr(packed, "pack_count", count_pack)
+    monkeypatch.setattr(packed, "_sparse_conv2d", count_sparse)
+    monkeypatch.setattr(packed, "SPARSE_DENSITY", 1.0)
+    torch.manual_seed(0)
+    x = torch.rand(8, 2, 32, 32)
+    assert 4 * 8 * 8 * 16 * 16 >= executor._SMALL
+    assert_same_training(_WideNet, x, T=4, dtype=dtype, every_layer=False)
+    assert calls["pack"] >= 2
+    assert (calls["sparse"] >= 1) == (dtype == torch.float32)
