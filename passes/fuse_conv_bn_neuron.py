@@ -7,8 +7,10 @@ Requires: a verified TaskGraph. Guarantees: the same values, fewer tasks:
 * in eval, a ``BatchNorm`` whose only input is a convolution's output, and which is its only reader, is
   folded into the convolution's weights (``bn_fold``): one op instead of two, per call, from the current
   parameters and running statistics (so later training and ``eval()`` again see fresh values).
-Training-mode BatchNorm is left alone: step mode normalizes each step with its own batch statistics,
-which the executor runs exactly.
+* in training, a ``BatchNorm2d`` whose only reader is a neuron task reading all its steps becomes the
+  neuron's ``bn_train`` prologue: the kernel normalizes each step with that step's batch statistics as it
+  reads the input (step mode's semantics, running statistics updated once per step), and the
+  normalized tensor never exists.
 """
 from __future__ import annotations
 
@@ -93,6 +95,29 @@ def _fold_bn(tg: TaskGraph, traced: Traced) -> TaskGraph:
     return tg
 
 
+def _fuse_bn_train(tg: TaskGraph, traced: Traced) -> TaskGraph:
+    for task in list(tg.tasks()):
+        if task.kind != "neuron" or task.name not in tg.graph or task.fusion("bn_train") or \
+                task.t0 is None or not task.args or not isinstance(task.args[0], Steps):
+            continue
+        src = {r.task for r in task.args[0].refs}
+        if len(src) != 1:
+            continue
+        bn_task = tg.task(next(iter(src)))
+        if bn_task.kind != "module" or bn_task.kwargs or not _reads_all_steps(task, bn_task) or \
+                _sole_reader(tg, bn_task) is None or _sole_reader(tg, bn_task).name != task.name:
+            continue
+        bn = traced.root.get_submodule(bn_task.target)
+        if not isinstance(bn, nn.BatchNorm2d) or not bn.training or len(bn_task.args) != 1 or \
+                not isinstance(bn_task.args[0], Steps):
+            continue
+        fused = dataclasses.replace(task, args=bn_task.args, fused=(
+            Fusion("bn_train", bn_task.target, bn_task.name),) + task.fused)
+        tg = absorb(tg, fused, bn_task)
+    return tg
+
+
 def fuse_conv_bn_neuron(tg: TaskGraph, traced: Traced) -> TaskGraph:
-    """Max pools into their neuron's kernel; eval BatchNorm into its convolution (module docstring)."""
-    return _fold_bn(_fuse_pool(tg, traced), traced)
+    """Max pools into their neuron's kernel; eval BatchNorm into its convolution; training BatchNorm into
+    the neuron's kernel (module docstring)."""
+    return _fuse_bn_train(_fold_bn(_fuse_pool(tg, traced), traced), traced)

@@ -13,6 +13,8 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
+from .cpu import update_running_stats
+
 __all__ = ["batch_norm_steps"]
 
 
@@ -58,13 +60,5 @@ class _BatchNormSteps(torch.autograd.Function):
 def batch_norm_steps(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """``torch.stack([bn(x[t]) for t in range(K)])`` for a module in training mode, as one op."""
     y, mean, var = _BatchNormSteps.apply(x, bn.weight, bn.bias, bn.eps)
-    if bn.track_running_stats and bn.running_mean is not None:
-        n = x.numel() // (x.shape[0] * x.shape[2])
-        with torch.no_grad():
-            unbiased = var * (n / max(n - 1, 1))
-            for t in range(x.shape[0]):        # K updates in time order, exactly as K module calls
-                bn.num_batches_tracked.add_(1)
-                m = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
-                bn.running_mean.mul_(1 - m).add_(mean[t].to(bn.running_mean.dtype), alpha=m)
-                bn.running_var.mul_(1 - m).add_(unbiased[t].to(bn.running_var.dtype), alpha=m)
+    update_running_stats(bn, mean, var, x.numel() // (x.shape[0] * x.shape[2]))
     return y

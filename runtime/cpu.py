@@ -29,7 +29,7 @@ import torch
 from snncc.neurons import NeuronSpec
 from . import buffers, codegen
 
-__all__ = ["supports", "c_scan", "c_scan2", "kernel_source2", "kernel_source", "compiler_available", "pool_geometry", "CACHE_DIR"]
+__all__ = ["supports", "c_scan", "c_bn_scan", "update_running_stats", "c_scan2", "kernel_source2", "kernel_source", "compiler_available", "pool_geometry", "CACHE_DIR"]
 
 CACHE_DIR = os.environ.get("SNNCC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "snncc", "kernels"))
 # -fno-math-errno lets gcc call glibc's vector exp (libmvec) in the backward loop; it changes no result.
@@ -143,11 +143,14 @@ static inline void unpack_bits(const u8* in, int64_t n, u8* s) {{
 }}
 
 // One forward step over n neurons: H, spike byte and the new V; x from xt.
+// With al (training BatchNorm fused in): x = xt * al[c] + be[c], c = cidx[i], the form torch's
+// batch_norm computes (alpha = invstd * weight, beta = bias - mean * alpha) for this step.
 static inline void step_fwd(const T* xt, T* vb, T* hb, u8* sb, int64_t n,
-                            double tau_, double kc_, double vth_, double vr_) {{
+                            double tau_, double kc_, double vth_, double vr_,
+                            const int32_t* cidx, const T* al, const T* be) {{
   CONSTS
   for (int64_t i = 0; i < n; ++i) {{
-    const T x = xt[i];
+    const T x = al ? xt[i] * al[cidx[i]] + be[cidx[i]] : xt[i];
     T v = vb[i];
     const T h = {cg.charge(spec)};
     const T s = h >= VTH ? (T)1 : (T)0;
@@ -198,16 +201,20 @@ static inline void step_bwd(const HT* ht, const u8* sb, const T* gsb, T* gvb, T*
 
     flat = f"""
 void scan_fwd(const T* xs, int64_t x_stride, const T* v0, T* spikes, u8* bits, HT* hs, T* v_out,
-              int64_t K, int64_t M, double tau_, double kc_, double vth_, double vr_, int nthreads) {{
+              int64_t K, int64_t M, double tau_, double kc_, double vth_, double vr_, int nthreads,
+              const T* bn_al, const T* bn_be, int64_t cdiv, int64_t cmod) {{
   const int64_t U = (M + BLK - 1) / BLK, UB = BLK / 8;
   #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t u = 0; u < U; ++u) {{
     const int64_t start = u * BLK, n = (M - start) < BLK ? (M - start) : BLK;
     T vb[BLK], hb[BLK];
     u8 sb[BLK];
+    int32_t cidx[BLK];
+    if (bn_al) for (int64_t i = 0; i < n; ++i) cidx[i] = (int32_t)(((start + i) / cdiv) % cmod);
     if (v0) memcpy(vb, v0 + start, n * sizeof(T)); else {{ CONSTS for (int64_t i = 0; i < n; ++i) vb[i] = VINIT; }}
     for (int64_t t = 0; t < K; ++t) {{
-      step_fwd(xs + t * x_stride + start, vb, hb, sb, n, tau_, kc_, vth_, vr_);
+      step_fwd(xs + t * x_stride + start, vb, hb, sb, n, tau_, kc_, vth_, vr_,
+               cidx, bn_al ? bn_al + t * cmod : 0, bn_al ? bn_be + t * cmod : 0);
       if (spikes) {{ T* st = spikes + t * M + start; for (int64_t i = 0; i < n; ++i) st[i] = (T)sb[i]; }}
       if (hs) {{ HT* ht = hs + t * M + start; for (int64_t i = 0; i < n; ++i) ht[i] = (HT)hb[i]; }}
       if (bits) pack_bits(sb, n, bits + (t * U + u) * UB);
@@ -259,19 +266,23 @@ void scan_bwd(const T* g_spikes, const HT* hs, const T* dsur, const u8* bits, co
 
 void pool_fwd(const T* xs, int64_t x_stride, const T* v0, T* out, u8* bits, HT* hs, T* v_out,
               int64_t K, int64_t P, int64_t H, int64_t W, int64_t C, int64_t k, int64_t out_cf,
-              double tau_, double kc_, double vth_, double vr_, int nthreads) {{
+              double tau_, double kc_, double vth_, double vr_, int nthreads,
+              const T* bn_al, const T* bn_be, int64_t cdiv, int64_t cmod) {{
   POOL_GEOM
   #pragma omp parallel num_threads(nthreads)
   {{
     T* vb = (T*)malloc(2 * CAP * sizeof(T));
     T* hb = vb + CAP;
     u8* sb = (u8*)malloc(CAP);
+    int32_t* cidx = (int32_t*)malloc(CAP * sizeof(int32_t));
     #pragma omp for schedule(static)
     for (int64_t u = 0; u < U; ++u) {{
       POOL_UNIT
+      if (bn_al) for (int64_t i = 0; i < n; ++i) cidx[i] = (int32_t)(((start + i) / cdiv) % cmod);
       if (v0) memcpy(vb, v0 + start, n * sizeof(T)); else {{ CONSTS for (int64_t i = 0; i < n; ++i) vb[i] = VINIT; }}
       for (int64_t t = 0; t < K; ++t) {{
-        step_fwd(xs + t * x_stride + start, vb, hb, sb, n, tau_, kc_, vth_, vr_);
+        step_fwd(xs + t * x_stride + start, vb, hb, sb, n, tau_, kc_, vth_, vr_,
+               cidx, bn_al ? bn_al + t * cmod : 0, bn_al ? bn_be + t * cmod : 0);
         if (hs) {{ HT* ht = hs + t * M + start; for (int64_t i = 0; i < n; ++i) ht[i] = (HT)hb[i]; }}
         if (bits) pack_bits(sb, n, bits + (t * U + u) * UB);
         if (out && j < Ho) {{
@@ -303,7 +314,7 @@ void pool_fwd(const T* xs, int64_t x_stride, const T* v0, T* out, u8* bits, HT* 
       }}
       memcpy(v_out + start, vb, n * sizeof(T));
     }}
-    free(vb); free(sb);
+    free(vb); free(sb); free(cidx);
   }}
 }}
 
@@ -380,11 +391,12 @@ def _library(src: str) -> Any:
             return lib
         i64, dbl, ptr, cint = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
         extra = [ptr, i64, ptr, ptr] if "double* gk_part" in src else []     # PLIF: xs, x_stride, v0, gk
-        lib.scan_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, dbl, dbl, dbl, dbl, cint]
+        lib.scan_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, dbl, dbl, dbl, dbl, cint,
+                                 ptr, ptr, i64, i64]
         lib.scan_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, dbl, dbl, dbl, dbl, dbl,
                                  cint] + extra
         lib.pool_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
-                                 dbl, dbl, dbl, dbl, cint]
+                                 dbl, dbl, dbl, dbl, cint, ptr, ptr, i64, i64]
         lib.pool_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, i64, i64, i64,
                                  dbl, dbl, dbl, dbl, dbl, cint] + extra
         _LIBS[key] = lib
@@ -739,10 +751,21 @@ def _user_derivative(spec: NeuronSpec, hs: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _bn_args(bn: Optional[Tuple[torch.Tensor, torch.Tensor]], x_step: torch.Tensor) -> Tuple[Any, ...]:
+    """(alpha, beta, cdiv, cmod): the channel of flat element g is (g / cdiv) % cmod in x's layout."""
+    if bn is None:
+        return None, None, 1, 1
+    c = x_step.shape[1]
+    cdiv = 1 if _channels_last(x_step) else int(x_step[0, 0].numel())
+    return bn[0].data_ptr(), bn[1].data_ptr(), cdiv, c
+
+
 def _forward_kernel(lib: Any, spec: NeuronSpec, x: torch.Tensor, x_step: torch.Tensor, broadcast: bool, K: int,
                     v0: Optional[torch.Tensor], w: Optional[torch.Tensor], pool: Optional[int], keep: bool,
-                    h_dtype: Optional[torch.dtype], want_out: bool = True, pool_cf: bool = False):
-    """Run the forward kernel; returns (out, final V, H per step or None, bits or None)."""
+                    h_dtype: Optional[torch.dtype], want_out: bool = True, pool_cf: bool = False,
+                    bn: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    """Run the forward kernel; returns (out, final V, H per step or None, bits or None). ``bn``: per-step,
+    per-channel (alpha, beta) ``[K, C]`` of a training BatchNorm applied to the input inside the kernel."""
     M = x_step.numel()
     hs = _steps_like(x_step, K) if keep else None
     v = buffers.empty_like(x_step)
@@ -754,7 +777,7 @@ def _forward_kernel(lib: Any, spec: NeuronSpec, x: torch.Tensor, x_step: torch.T
         bits = buffers.empty((K * units * ub,), torch.uint8, x.device) if keep else None
         out = _steps_like(x_step, K) if want_out else None
         lib.scan_fwd(x.data_ptr(), x_stride, _p(v0), _p(out), _p(bits), _p(hs), v.data_ptr(),
-                     K, M, tau, kc, vth, vr, nt)
+                     K, M, tau, kc, vth, vr, nt, *_bn_args(bn, x_step))
     else:
         P, H, W, C, units = pool_geometry(x_step, pool)
         ub = (pool * W * C + 7) // 8
@@ -766,8 +789,46 @@ def _forward_kernel(lib: Any, spec: NeuronSpec, x: torch.Tensor, x_step: torch.T
             out = buffers.empty((K * n,) + shape[1:], x.dtype, x.device).view((K,) + shape) if pool_cf \
                 else _steps_like(x_step, K, shape)
         lib.pool_fwd(x.data_ptr(), x_stride, _p(v0), _p(out), _p(bits), _p(hs), v.data_ptr(),
-                     K, P, H, W, C, pool, int(pool_cf), tau, kc, vth, vr, nt)
+                     K, P, H, W, C, pool, int(pool_cf), tau, kc, vth, vr, nt, *_bn_args(bn, x_step))
     return out, v, hs, bits
+
+
+def _scan_grads(lib: Any, spec: NeuronSpec, K: int, pool: Optional[int], pool_cf: bool, broadcast: bool,
+                dtype: torch.dtype, out_meta: Tuple[Any, Any], hs: torch.Tensor, bits: torch.Tensor,
+                g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor], x: Optional[torch.Tensor],
+                v0: Optional[torch.Tensor], w: Optional[torch.Tensor]):
+    """The backward kernel: (grad of the scan's input, grad of V0, PLIF's per-unit dL/dk or None)."""
+    h0 = hs[0]
+    dsur = _user_derivative(spec, hs) if spec.surrogate.opaque else None
+    # the gradient of one step's input: laid out like H (and the input), in the input's dtype
+    g_step = buffers.empty(tuple(h0.shape), dtype, h0.device, channels_last=_channels_last(h0))
+    if g_out is not None:
+        shape, stride = out_meta
+        if g_out.stride() != stride:
+            g = buffers.empty((shape[0] * shape[1],) + shape[2:], dtype, h0.device,
+                              channels_last=_channels_last(h0) and not pool_cf).view(shape)
+            g.copy_(g_out)
+            g_out = g
+    g_v_last = None if g_v_last is None else _dense_like(g_v_last, g_step)
+    g_x = g_step if broadcast else _steps_like(g_step, K)
+    g_v0 = buffers.empty_like(g_step)
+    M = h0.numel()
+    tau, kc, vth, vr = _consts(spec, w)
+    nt = torch.get_num_threads()
+    plif = spec.kind == "plif"
+    units = (M + _BLOCK - 1) // _BLOCK if pool is None else pool_geometry(h0, pool)[4]
+    gk_part = torch.zeros(units, dtype=torch.float64) if plif else None
+    extra = [x.data_ptr(), 0 if broadcast else M, _p(v0), gk_part.data_ptr()] if plif else []
+    if pool is None:
+        lib.scan_bwd(_p(g_out), hs.data_ptr(), _p(dsur), bits.data_ptr(), _p(g_v_last), g_x.data_ptr(),
+                     int(broadcast), g_v0.data_ptr(), K, M, tau, kc, vth, vr, float(spec.surrogate.alpha), nt,
+                     *extra)
+    else:
+        P, H, W, C, _ = pool_geometry(h0, pool)
+        lib.pool_bwd(_p(g_out), hs.data_ptr(), _p(dsur), bits.data_ptr(), _p(g_v_last), g_x.data_ptr(),
+                     int(broadcast), g_v0.data_ptr(), K, P, H, W, C, pool, int(pool_cf), tau, kc, vth, vr,
+                     float(spec.surrogate.alpha), nt, *extra)
+    return g_x, g_v0, gk_part
 
 
 class _CScan(torch.autograd.Function):
@@ -821,40 +882,9 @@ class _CScan(torch.autograd.Function):
             full = _steps_like(hs[0], K, dtype=ctx.x_dtype)
             full.copy_(hs)
             hs = full
-        h0 = hs[0]
-        dtype = ctx.x_dtype
-        dsur = _user_derivative(spec, hs) if spec.surrogate.opaque else None
-        # the gradient of one step's input: laid out like H (and the input), in the input's dtype
-        g_step = buffers.empty(tuple(h0.shape), dtype, h0.device, channels_last=_channels_last(h0))
-        if g_out is not None:
-            shape, stride = ctx.out_meta
-            if g_out.stride() != stride:
-                g = buffers.empty((shape[0] * shape[1],) + shape[2:], dtype, h0.device,
-                                  channels_last=_channels_last(h0) and not ctx.pool_cf).view(shape)
-                g.copy_(g_out)
-                g_out = g
-        g_v_last = None if g_v_last is None else _dense_like(g_v_last, g_step)
-        g_x = g_step if ctx.broadcast else _steps_like(g_step, K)
-        g_v0 = buffers.empty_like(g_step)
-        M = h0.numel()
-        tau, kc, vth, vr = _consts(spec, w)
-        nt = torch.get_num_threads()
+        g_x, g_v0, gk_part = _scan_grads(lib, spec, K, pool, ctx.pool_cf, ctx.broadcast, ctx.x_dtype, ctx.out_meta,
+                                         hs, bits, g_out, g_v_last, x, v0, w)
         plif = spec.kind == "plif"
-        if pool is None:
-            units = (M + _BLOCK - 1) // _BLOCK
-        else:
-            units = pool_geometry(h0, pool)[4]
-        gk_part = torch.zeros(units, dtype=torch.float64) if plif else None
-        extra = [x.data_ptr(), 0 if ctx.broadcast else M, _p(v0), gk_part.data_ptr()] if plif else []
-        if pool is None:
-            lib.scan_bwd(_p(g_out), hs.data_ptr(), _p(dsur), bits.data_ptr(), _p(g_v_last), g_x.data_ptr(),
-                         int(ctx.broadcast), g_v0.data_ptr(), K, M, tau, kc, vth, vr,
-                         float(spec.surrogate.alpha), nt, *extra)
-        else:
-            P, H, W, C, _ = pool_geometry(h0, pool)
-            lib.pool_bwd(_p(g_out), hs.data_ptr(), _p(dsur), bits.data_ptr(), _p(g_v_last), g_x.data_ptr(),
-                         int(ctx.broadcast), g_v0.data_ptr(), K, P, H, W, C, pool, int(ctx.pool_cf), tau, kc, vth, vr,
-                         float(spec.surrogate.alpha), nt, *extra)
         g_w = None
         if plif and w is not None and ctx.needs_input_grad[10]:
             k = w.detach().sigmoid()
@@ -872,6 +902,86 @@ def c_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool, v0: Optio
     channels-first order even for a channels-last input (what a following flatten reads without a copy)."""
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, v0, w))
     return _CScan.apply(spec, broadcast, K, need_grad, h_dtype, recompute, pool, pool_cf, x, v0, w)
+
+
+class _CBNScan(torch.autograd.Function):
+    """Training BatchNorm + IF/LIF scan (+ max-pool epilogue) over K steps, fused.
+
+    Step mode's BatchNorm: step t normalized with its own batch statistics. Forward computes the K steps'
+    statistics in one pass, then the scan kernel applies each step's ``x * alpha + beta`` to its input as it
+    reads it, so the normalized tensor never exists. Kept for backward: the input (BatchNorm's backward
+    needs it, as in eager), the per-step mean and inverse std, H and the spike bits. Backward: the scan
+    kernel gives the gradient of the normalized input, then BatchNorm's backward for the K steps at once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, spec: NeuronSpec, K: int, need_grad: bool, pool: Optional[int], pool_cf: bool,
+                eps: float, x: torch.Tensor, v0: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor]):
+        x_step = x[0]
+        if not (x_step.is_contiguous() or _channels_last(x_step)):
+            x = x.contiguous()
+            x_step = x[0]
+        v0 = None if v0 is None else _dense_like(v0, x_step)
+        var, mean = torch.var_mean(x, dim=(1, 3, 4), unbiased=False)          # [K, C]
+        invstd = torch.rsqrt(var + eps)
+        alpha = invstd if weight is None else invstd * weight.detach()
+        beta = -mean * alpha if bias is None else bias.detach() - mean * alpha
+        alpha, beta = alpha.to(x.dtype).contiguous(), beta.to(x.dtype).contiguous()
+        lib = _kernels(spec, x.dtype, pool)
+        out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, False, K, v0, None, pool, need_grad, None,
+                                           pool_cf=pool_cf and pool is not None, bn=(alpha, beta))
+        ctx.spec, ctx.K, ctx.pool, ctx.pool_cf, ctx.x_dtype = spec, K, pool, pool_cf and pool is not None, x.dtype
+        ctx.out_meta = (tuple(out.shape), out.stride())
+        ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)
+        if need_grad:
+            ctx.save_for_backward(hs, bits, x, v0, mean, invstd, weight)
+        return out, v, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor], _gm: Any, _gv: Any):
+        hs, bits, x, v0, mean, invstd, weight = ctx.saved_tensors
+        lib = _kernels(ctx.spec, ctx.x_dtype, ctx.pool)
+        g_y, g_v0, _ = _scan_grads(lib, ctx.spec, ctx.K, ctx.pool, ctx.pool_cf, False, ctx.x_dtype, ctx.out_meta,
+                                   hs, bits, g_out, g_v_last, None, v0, None)
+        # BatchNorm's backward for the K steps at once (the formula of runtime/batchnorm.py)
+        shape = (ctx.K, 1, -1, 1, 1)
+        m, istd = mean.view(shape), invstd.view(shape)
+        n = x[0].numel() // x.shape[2]
+        xhat = (x - m) * istd
+        dims = (1, 3, 4)
+        g_sum = g_y.sum(dims, keepdim=True)
+        g_dot = (g_y * xhat).sum(dims, keepdim=True)
+        scale = istd if weight is None else istd * weight.view(1, 1, -1, 1, 1)
+        g_x = (g_y - g_sum / n - xhat * (g_dot / n)) * scale if ctx.needs_input_grad[6] else None
+        g_w = g_dot.sum(0).view(-1) if weight is not None and ctx.needs_input_grad[8] else None
+        g_b = g_sum.sum(0).view(-1) if ctx.has_bias and ctx.needs_input_grad[9] else None
+        return (None, None, None, None, None, None, g_x, g_v0 if ctx.needs_input_grad[7] else None, g_w, g_b)
+
+
+def c_bn_scan(spec: NeuronSpec, x: torch.Tensor, K: int, v0: Optional[torch.Tensor], bn: Any,
+              pool: Optional[int] = None, pool_cf: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``neuron(batch_norm(x[t]))`` over K steps for a BatchNorm2d in training mode, fused (``_CBNScan``):
+    spikes (or their max pool) and the final V; the running statistics are updated K times, in order."""
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (x, v0, bn.weight, bn.bias))
+    out, v, mean, var = _CBNScan.apply(spec, K, need_grad, pool, pool_cf, bn.eps, x, v0, bn.weight, bn.bias)
+    update_running_stats(bn, mean.detach(), var.detach(), x[0].numel() // x.shape[2])
+    return out, v
+
+
+def update_running_stats(bn: Any, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """K running-statistics updates in time order, exactly as K training-mode module calls make."""
+    if not (bn.track_running_stats and bn.running_mean is not None):
+        return
+    with torch.no_grad():
+        unbiased = var * (n / max(n - 1, 1))
+        for t in range(mean.shape[0]):
+            bn.num_batches_tracked.add_(1)
+            m = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
+            bn.running_mean.mul_(1 - m).add_(mean[t].to(bn.running_mean.dtype), alpha=m)
+            bn.running_var.mul_(1 - m).add_(unbiased[t].to(bn.running_var.dtype), alpha=m)
 
 
 class _CScan2(torch.autograd.Function):

@@ -19,6 +19,7 @@ from snncc.errors import InputError, SNNCCError, TaskFailure
 from snncc.frontend import Traced, reset_module
 from snncc.ir import Ref, Schedule, SliceConst, Steps, Task, TaskGraph
 from .batchnorm import batch_norm_steps
+from .cpu import c_bn_scan, supports as cpu_supports
 from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
 from .reference import neuron_scan
@@ -266,9 +267,18 @@ class Executor:
         pool = task.fusion("maxpool_epilogue")
         step_dim = xs.dim() - (0 if broadcast else 1)
         k = pool.params[0] if pool is not None and step_dim == 4 else None
-        spikes, state = neuron_scan(binding.spec, xs, K, broadcast, run.states.get(task.target), params,
-                                    pool=k, h_dtype=self.h_dtype, recompute=self.options.memory == "min",
-                                    pool_cf=k is not None and self._flattened(task))
+        cf = k is not None and self._flattened(task)
+        bn_f = task.fusion("bn_train")
+        state0 = run.states.get(task.target)
+        if bn_f is not None and self._bn_kernel(binding.spec, xs, step_dim, state0):
+            spikes, v = c_bn_scan(binding.spec, xs, K, None if state0 is None else state0[0],
+                                  self.modules[bn_f.module], pool=k, pool_cf=cf)
+            state: Tuple[torch.Tensor, ...] = (v,)
+        else:
+            if bn_f is not None:    # the same semantics without the kernel: the K steps' BatchNorm, then the scan
+                xs = batch_norm_steps(xs, self.modules[bn_f.module])
+            spikes, state = neuron_scan(binding.spec, xs, K, broadcast, state0, params, pool=k,
+                                        h_dtype=self.h_dtype, recompute=self.options.memory == "min", pool_cf=cf)
         if pool is not None and k is None:        # not 4-d per step: the pool module, step by step
             pm = self.modules[pool.module]
             spikes = torch.stack([pm(s) for s in spikes])
@@ -278,6 +288,12 @@ class Executor:
         elif binding.state_attr is None and hasattr(m, "state") and self.last_chunk[task.target] == task.name:
             m.state = state
         return spikes.view(K * spikes.shape[1], *spikes.shape[2:]) if spikes.dim() > 1 else spikes
+
+    def _bn_kernel(self, spec: Any, xs: torch.Tensor, step_dim: int, state0: Any) -> bool:
+        """Whether the fused BatchNorm + scan kernel runs this chunk (CPU, IF/LIF, 4-d steps, exact H kept;
+        otherwise the unfused path, same values)."""
+        return (step_dim == 4 and spec.kind in ("if", "lif") and self.h_dtype is None and
+                self.options.memory != "min" and cpu_supports(spec, xs, None if state0 is None else state0[0]))
 
     def _flattened(self, task: Task) -> bool:
         """Every reader of ``task`` flattens it (so channels-first output saves the flatten a copy)."""

@@ -23,8 +23,9 @@ TASK_KINDS = ("placeholder", "get_attr", "module", "function", "method", "neuron
 #: draws (and opaque modules) keep eager's program order.
 EDGE_KINDS = ("data", "state", "order")
 #: maxpool_epilogue: a max pool of a neuron's spikes computed by the neuron's kernel (max of spikes = OR);
-#: bn_fold: an eval-mode BatchNorm folded into the preceding convolution's weights.
-FUSION_KINDS = ("maxpool_epilogue", "bn_fold")
+#: bn_fold: an eval-mode BatchNorm folded into the preceding convolution's weights;
+#: bn_train: a training-mode BatchNorm (per-step statistics) applied by the neuron's kernel to its input.
+FUSION_KINDS = ("maxpool_epilogue", "bn_fold", "bn_train")
 
 
 @dataclass(frozen=True)

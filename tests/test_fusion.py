@@ -431,3 +431,69 @@ def test_large_spike_inputs_take_the_packed_and_sparse_paths(dtype, monkeypatch)
     assert_same_training(_WideNet, x, T=4, dtype=dtype, every_layer=False)
     assert calls["pack"] >= 2
     assert (calls["sparse"] >= 1) == (dtype == torch.float32)
+
+
+# --------------------------------------------------------------------------- training BatchNorm in the kernel
+class _BNNet(nn.Module):
+    """conv -> BN -> LIF -> maxpool, conv -> BN -> IF (soft reset): both BatchNorms fusable in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.n1 = snncc.LIF(v_threshold=0.6)
+        self.p1 = nn.MaxPool2d(2)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(6, momentum=None)
+        self.n2 = snncc.IF(v_reset=None, v_threshold=0.8)
+        with torch.no_grad():
+            for b in (self.b1, self.b2):
+                b.weight.uniform_(0.5, 1.5)
+                b.bias.uniform_(-0.2, 0.4)
+
+    def forward(self, x):
+        return self.n2(self.b2(self.c2(self.p1(self.n1(self.b1(self.c1(x)))))))
+
+
+def test_bn_train_is_fused_into_the_neuron():
+    """(With a sequence input, so the first BatchNorm is batched over time too; on a static input the first
+    layer's BatchNorm sees the same hoisted tensor at each step and runs step by step.)"""
+    model = _BNNet().train()
+    tg = compile_graph(trace_unrolled(model, "sequence", 4, (), (torch.rand(4, 3, 2, 8, 8),)),
+                       verify=True).task_graph
+    n1 = next(t for t in tg.tasks() if t.target == "n1")
+    assert n1.fusion("bn_train").module == "b1" and n1.fusion("maxpool_epilogue").module == "p1"
+    assert not any(t.target in ("b1", "b2") for t in tg.tasks())
+    assert next(t for t in tg.tasks() if t.target == "n2").fusion("bn_train").module == "b2"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_bn_train_fused_matches_eager(dtype, chunk, monkeypatch):
+    """Outputs, all gradients and the running statistics (T updates per forward) as eager; the fused
+    kernel really runs (counted)."""
+    from snncc.runtime import executor
+    calls = []
+    real = executor.c_bn_scan
+    monkeypatch.setattr(executor, "c_bn_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    x = torch.rand(4, 4, 2, 8, 8) * 2                # [T, N, ...]: both BatchNorms batched over time
+    torch.manual_seed(0)
+    model = _BNNet().to(dtype)
+    ref = copy.deepcopy(model)
+    cm = snncc.compile(model, sequence=True, chunk=chunk, verify=True)
+    from conftest import eager_run
+    y, y_ref = cm(x.to(dtype)), eager_run(ref, x.to(dtype), sequence=True)
+    assert calls, "the fused BatchNorm + scan kernel did not run"
+    assert 0 < y_ref.mean() < 1
+    # float32: a conv bias right before a training BatchNorm has a gradient that is zero up to rounding
+    # (the normalization removes the mean), so only an absolute tolerance means anything for it
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
+    if dtype == torch.float64:
+        assert torch.equal(y, y_ref)
+    g = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
+    for (name, p), q in zip(model.named_parameters(), torch.autograd.grad((y_ref * g).sum(), list(ref.parameters()))):
+        (gp,) = torch.autograd.grad((y * g).sum(), [p], retain_graph=True)
+        torch.testing.assert_close(gp, q, **tol)
+    for name, buf in model.named_buffers():
+        torch.testing.assert_close(buf, dict(ref.named_buffers())[name], **tol)
