@@ -30,7 +30,13 @@ _FREE: "OrderedDict[int, List[torch.Tensor]]" = OrderedDict()
 _BASELINE: Dict[int, int] = {}
 
 
+_HAS_USE_COUNT = hasattr(torch._C, "_storage_Use_Count")
+
+
 def _limit() -> int:
+    """The pool's bound in bytes; 0 (pool off) where this torch cannot tell when a buffer is free."""
+    if not _HAS_USE_COUNT:
+        return 0
     return int(os.environ.get("SNNCC_POOL_MB", "2048")) << 20
 
 

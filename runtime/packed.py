@@ -9,7 +9,8 @@ input is kept instead, so the result is exact either way.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Tuple
+import weakref
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -111,23 +112,26 @@ def _sparse_conv2d(bits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
     return out
 
 
-_LAYOUTS: "dict" = {}
+_LAYOUTS: Dict[Tuple[int, str], Tuple[Any, Tuple[Any, ...], torch.Tensor]] = {}
 
 
 def _weight_layout(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """The weight rearranged for the spike-driven kernels, cached until the weight changes.
 
-    Keyed by the tensor's identity, storage and version counter (bumped by every in-place update such as
-    an optimizer step), so a stale copy is never used; one entry per weight.
+    NOTE: keyed by the tensor's identity, checked through a weak reference (a new tensor that happens to
+    get a freed one's id and address is never mistaken for it; the entry goes when the weight does), and
+    stamped with its storage, version counter (bumped by every in-place update such as an optimizer step)
+    and shape, so a stale copy is never used.
     """
     key = (id(weight), kind)
     stamp = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
     hit = _LAYOUTS.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
+    if hit is not None and hit[0]() is weight and hit[1] == stamp:
+        return hit[2]
     w = weight.detach()
     out = w.t().contiguous() if kind == "linear" else w.permute(2, 3, 1, 0).contiguous()
-    _LAYOUTS[key] = (stamp, out)
+    ref = weakref.ref(weight, lambda _r, key=key: _LAYOUTS.pop(key, None))
+    _LAYOUTS[key] = (ref, stamp, out)
     return out
 
 

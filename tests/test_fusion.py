@@ -497,3 +497,26 @@ def test_bn_train_fused_matches_eager(dtype, chunk, monkeypatch):
         torch.testing.assert_close(gp, q, **tol)
     for name, buf in model.named_buffers():
         torch.testing.assert_close(buf, dict(ref.named_buffers())[name], **tol)
+
+
+def test_weight_cache_never_confuses_a_new_weight_with_a_freed_one():
+    """Regression: the cache was keyed by id + address + version, which a new weight allocated where a
+    freed one lived (same shape, version) could match; entries now hold a weak reference, are checked
+    against it, and go with their weight."""
+    import gc
+    from snncc.runtime import packed
+    x = (torch.rand(4, 16) < 0.1).float()
+    lin = nn.Linear(16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(packed_linear(lin, x), lin(x))
+    key = (id(lin.weight), "linear")
+    assert key in packed._LAYOUTS
+    del lin
+    gc.collect()
+    assert key not in packed._LAYOUTS
+    for i in range(10):                    # fresh layers, likely reusing ids and addresses
+        lin = nn.Linear(16, 8)
+        with torch.no_grad():
+            lin.weight.fill_(float(i))
+            torch.testing.assert_close(packed_linear(lin, x), lin(x))
+        del lin
