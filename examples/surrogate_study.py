@@ -47,8 +47,8 @@ def heaviside(x: torch.Tensor) -> torch.Tensor:
     return (x >= 0).to(x.dtype)
 
 
-class SuperSpikeFunction(torch.autograd.Function):
-    """Heaviside forward; SuperSpike's ``1 / (alpha |x| + 1)^2`` backward (Zenke & Ganguli)."""
+class _SpikeFunction(torch.autograd.Function):
+    """The forward the notebook's three surrogates share: the heaviside spike, x kept for backward."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -56,6 +56,10 @@ class SuperSpikeFunction(torch.autograd.Function):
             ctx.save_for_backward(x)
             ctx.alpha = alpha
         return heaviside(x)
+
+
+class SuperSpikeFunction(_SpikeFunction):
+    """Heaviside forward; SuperSpike's ``1 / (alpha |x| + 1)^2`` backward (Zenke & Ganguli)."""
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
@@ -64,16 +68,9 @@ class SuperSpikeFunction(torch.autograd.Function):
         return grad_output / (denom * denom), None
 
 
-class SigmoidDerivativeFunction(torch.autograd.Function):
+class SigmoidDerivativeFunction(_SpikeFunction):
     """Heaviside forward; ``s (1 - s)``, ``s = sigmoid(alpha x)``, backward (the notebook's version: no
     factor alpha)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, alpha: float) -> torch.Tensor:
-        if x.requires_grad:
-            ctx.save_for_backward(x)
-            ctx.alpha = alpha
-        return heaviside(x)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
@@ -82,15 +79,8 @@ class SigmoidDerivativeFunction(torch.autograd.Function):
         return grad_output * s * (1.0 - s), None
 
 
-class EsserFunction(torch.autograd.Function):
+class EsserFunction(_SpikeFunction):
     """Heaviside forward; Esser et al.'s ``max(0, 1 - alpha |x|)`` backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, alpha: float) -> torch.Tensor:
-        if x.requires_grad:
-            ctx.save_for_backward(x)
-            ctx.alpha = alpha
-        return heaviside(x)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
