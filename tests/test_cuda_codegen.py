@@ -34,7 +34,14 @@ def _variants():
     out += [(_spec("lif", surrogate=s), "float64", None, 2) for s in KNOWN_SURROGATES]
     out += [(_spec("plif", surrogate="atan"), "float16", None, 2), (_spec("lif"), "bfloat16", None, 2),
             (_spec("lif", v_reset=None), "float32", "float16", 3)]
+    user = NeuronSpec("lif", SurrogateSpec("callable", 1.0, _plain_step))     # a user's surrogate
+    out += [(user, "float32", None, 2), (user, "float64", None, 2)]
     return out
+
+
+def _plain_step(z):
+    """A user's surrogate: the z >= 0 spike with a straight-through-free (zero) derivative."""
+    return (z >= 0).to(z.dtype) + 0 * z
 
 
 def test_cuda_source_names_and_no_cupy_import():
@@ -91,3 +98,24 @@ def test_cuda_scan_matches_reference(kind, decay_input, v_reset, detach_reset, p
             assert torch.equal(s1, s2) and torch.equal(v1, v2)
             for a, b in zip(g1, g2):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _HAS_GPU, reason="needs a CUDA device and CuPy")
+@pytest.mark.parametrize("pool", [None, 2])
+def test_cuda_scan_user_surrogate_matches_reference(pool, monkeypatch):
+    """A user's plain surrogate on CUDA: its derivative from its own backward, the rest in the kernels."""
+    from snncc.runtime.reference import neuron_scan
+    import snncc
+    spec = NeuronSpec("lif", SurrogateSpec("callable", 1.0, snncc.surrogate.ATan()))
+    x = (torch.randn(4, 3, 4, 6, 6, dtype=torch.float64, device="cuda") * 2).requires_grad_(True)
+    res = {}
+    for backend in ("cuda", "reference"):
+        if backend == "reference":
+            monkeypatch.setenv("SNNCC_BACKEND", "reference")
+        else:
+            monkeypatch.delenv("SNNCC_BACKEND", raising=False)
+        s, (v,) = neuron_scan(spec, x, 4, False, None, (), pool=pool)
+        res[backend] = (s, v, torch.autograd.grad((s * torch.cos(s + 1)).sum() + v.sum(), x))
+    assert torch.equal(res["cuda"][0], res["reference"][0]) and torch.equal(res["cuda"][1], res["reference"][1])
+    torch.testing.assert_close(res["cuda"][2][0], res["reference"][2][0])

@@ -40,8 +40,7 @@ def available() -> bool:
 def supports(spec: NeuronSpec, *tensors: Optional[torch.Tensor]) -> bool:
     """Whether the CUDA kernels can run ``spec`` on these tensors."""
     ts = [t for t in tensors if t is not None]
-    # NOTE: a user's surrogate runs the reference scan on CUDA for now (the C kernels take its derivative)
-    if not ts or spec.surrogate.opaque or not codegen.supported(spec) or any(t.device.type != "cuda" for t in ts):
+    if not ts or not codegen.supported(spec) or any(t.device.type != "cuda" for t in ts):
         return False
     if ts[0].dtype not in _DTYPES:
         return False

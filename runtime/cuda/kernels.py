@@ -15,6 +15,7 @@ Compute and state are float32 for half-precision inputs (``TX`` = ``__half``), H
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Optional
 
@@ -36,8 +37,10 @@ def kernel_names(prefix: str) -> tuple:
 def cuda_source(spec: NeuronSpec, dtype: str = "float32", h_dtype: Optional[str] = None, pool_k: int = 2,
                 prefix: str = "snncc", header: bool = True) -> str:
     """CUDA C++ (extern "C" kernels named ``<prefix>_scan_fwd`` ...) for ``spec`` on ``dtype`` inputs."""
-    if spec.surrogate.opaque or not codegen.supported(spec):
+    if not codegen.supported(spec):
         raise ValueError(f"no CUDA kernels for {spec}")
+    if spec.surrogate.opaque:     # a user's surrogate: its derivative is an input (one source for all)
+        spec = dataclasses.replace(spec, surrogate=dataclasses.replace(spec.surrogate, fn=None))
     TX, T = CTYPES[dtype]
     HT = _HTYPES[h_dtype or ("float32" if T == "float" else "float64")]
     exp, fabs = ("expf", "fabsf") if T == "float" else ("exp", "fabs")
@@ -54,7 +57,7 @@ def cuda_source(spec: NeuronSpec, dtype: str = "float32", h_dtype: Optional[str]
     bwd_body = f"""T gs, gh, gx, d;
         {cg.bwd_reset(spec)}
         const T z = h - VTH;
-        {cg.surrogate(spec)}
+        {cg.surrogate(spec).replace("dsur[i]", "dsur[t * M + i]")}
         gh = gh + gs * d;"""
     plif_flat = f"""if (true) {{
         const T x = (T)xs[t * x_stride + i];
@@ -107,7 +110,7 @@ extern "C" __global__ void {p}_scan_fwd(const TX* __restrict__ xs, long long x_s
 }}
 
 extern "C" __global__ void {p}_scan_bwd(const TX* __restrict__ g_spikes, const HT* __restrict__ hs,
-    const unsigned int* __restrict__ bits, const T* __restrict__ g_vlast, TX* __restrict__ g_x, int broadcast,
+    const T* __restrict__ dsur, const unsigned int* __restrict__ bits, const T* __restrict__ g_vlast, TX* __restrict__ g_x, int broadcast,
     T* __restrict__ g_v0, long long K, long long M, double tau_, double kc_, double vth_, double vr_,
     double alpha_{plif_args}) {{
   {types}
@@ -172,7 +175,7 @@ extern "C" __global__ void {p}_pool_fwd(const TX* __restrict__ xs, long long x_s
 }}
 
 extern "C" __global__ void {p}_pool_bwd(const TX* __restrict__ g_out, const HT* __restrict__ hs,
-    const unsigned int* __restrict__ bits, const T* __restrict__ g_vlast, TX* __restrict__ g_x, int broadcast,
+    const T* __restrict__ dsur, const unsigned int* __restrict__ bits, const T* __restrict__ g_vlast, TX* __restrict__ g_x, int broadcast,
     T* __restrict__ g_v0, long long K, long long P, long long H, long long W, long long C, double tau_,
     double kc_, double vth_, double vr_, double alpha_{plif_args}) {{
   {types}

@@ -111,6 +111,10 @@ class _CudaScan(torch.autograd.Function):
         g_v_last = None if g_v_last is None else g_v_last.to(h0.dtype if h0.dtype in (torch.float32, torch.float64)
                                                              else torch.float32).contiguous()
         g_x = torch.empty(tuple(h0.shape) if ctx.broadcast else tuple(hs.shape), dtype=ctx.x_dtype, device=h0.device)
+        dsur = None
+        if spec.surrogate.opaque:       # a user's surrogate: its derivative from its own backward
+            from ..cpu import _user_derivative
+            dsur = _user_derivative(spec, hs.to(_STATE_DTYPE.get(hs.dtype, hs.dtype))).contiguous()
         sdt = _STATE_DTYPE.get(ctx.x_dtype, ctx.x_dtype)
         g_v0 = torch.empty(tuple(h0.shape), dtype=sdt, device=h0.device)
         mod = _module(spec, ctx.x_dtype, ctx.h_dtype, pool or 2)
@@ -120,11 +124,11 @@ class _CudaScan(torch.autograd.Function):
         gk = torch.zeros(n, dtype=torch.float64, device=h0.device) if plif else None
         extra = (_ptr(x), np.int64(0 if ctx.broadcast else M), _ptr(v0), _ptr(gk)) if plif else ()
         if pool is None:
-            _launch(mod, "scan_bwd", M, _ptr(g_out), _ptr(hs), _ptr(bits), _ptr(g_v_last), _ptr(g_x),
+            _launch(mod, "scan_bwd", M, _ptr(g_out), _ptr(hs), _ptr(dsur), _ptr(bits), _ptr(g_v_last), _ptr(g_x),
                     np.int32(ctx.broadcast), _ptr(g_v0), np.int64(K), np.int64(M), *consts, *extra)
         else:
             P, H, W, C, _ = _geometry(h0, pool)
-            _launch(mod, "pool_bwd", n, _ptr(g_out), _ptr(hs), _ptr(bits), _ptr(g_v_last), _ptr(g_x),
+            _launch(mod, "pool_bwd", n, _ptr(g_out), _ptr(hs), _ptr(dsur), _ptr(bits), _ptr(g_v_last), _ptr(g_x),
                     np.int32(ctx.broadcast), _ptr(g_v0), np.int64(K), np.int64(P), np.int64(H), np.int64(W),
                     np.int64(C), *consts, *extra)
         g_w = None
