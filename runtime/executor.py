@@ -112,6 +112,8 @@ class Executor:
         for t in self.tasks:
             for f in t.fused:
                 self.modules[f.module] = traced.root.get_submodule(f.module)
+        # neuron tasks read only by flattens get channels-first pooled output (fixed per schedule)
+        self.flattened = {t.name for t in self.tasks if t.kind == "neuron" and self._flattened(t)}
         self.handlers: Dict[str, Callable[[Task, _Run], Any]] = {
             "placeholder": self._placeholder, "get_attr": self._get_attr, "module": self._module,
             "function": self._function, "method": self._method, "neuron": self._neuron,
@@ -267,7 +269,7 @@ class Executor:
         pool = task.fusion("maxpool_epilogue")
         step_dim = xs.dim() - (0 if broadcast else 1)
         k = pool.params[0] if pool is not None and step_dim == 4 else None
-        cf = k is not None and self._flattened(task)
+        cf = k is not None and task.name in self.flattened
         bn_f = task.fusion("bn_train")
         state0 = run.states.get(task.target)
         if bn_f is not None and self._bn_kernel(binding.spec, xs, step_dim, state0):

@@ -75,15 +75,10 @@ def sj_model_zoo():
 
 
 def reset_all(model: nn.Module) -> nn.Module:
-    """Reset every stateful module: SpikingJelly's modules as ``functional.reset_net`` does (``m.reset()``
-    on each ``MemoryModule``), everything else with ``snncc.reset``."""
-    snncc.reset(model)
-    if "spikingjelly.activation_based.base" in sys.modules:
-        from spikingjelly.activation_based import base
-        for m in model.modules():
-            if isinstance(m, base.MemoryModule):
-                m.reset()
-    return model
+    """Reset every stateful module as ``functional.reset_net`` does (SpikingJelly memory modules included);
+    the same reset snncc-prof gives its eager variant."""
+    from snncc.tools._loader import reset_model
+    return reset_model(model)
 
 
 # --------------------------------------------------------------------------- eager references

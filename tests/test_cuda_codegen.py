@@ -66,6 +66,14 @@ def test_every_variant_compiles_for_sm80_and_sm90(tmp_path):
 
 
 # --------------------------------------------------------------------------- on a GPU
+def _use(backend, monkeypatch):
+    """Run the CUDA kernels ("cuda") or force the reference backend."""
+    if backend == "reference":
+        monkeypatch.setenv("SNNCC_BACKEND", "reference")
+    else:
+        monkeypatch.delenv("SNNCC_BACKEND", raising=False)
+
+
 _HAS_GPU = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
 
 
@@ -86,10 +94,7 @@ def test_cuda_scan_matches_reference(kind, decay_input, v_reset, detach_reset, p
             params = () if w is None else (w,)
             res = {}
             for backend in ("cuda", "reference"):
-                if backend == "reference":
-                    monkeypatch.setenv("SNNCC_BACKEND", "reference")
-                else:
-                    monkeypatch.delenv("SNNCC_BACKEND", raising=False)
+                _use(backend, monkeypatch)
                 s, (v,) = neuron_scan(spec, x, K, broadcast, None, params, pool=pool)
                 g = torch.randn(s.shape, dtype=dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
                 wrt = (x,) if w is None else (x, w)
@@ -111,10 +116,7 @@ def test_cuda_scan_user_surrogate_matches_reference(pool, monkeypatch):
     x = (torch.randn(4, 3, 4, 6, 6, dtype=torch.float64, device="cuda") * 2).requires_grad_(True)
     res = {}
     for backend in ("cuda", "reference"):
-        if backend == "reference":
-            monkeypatch.setenv("SNNCC_BACKEND", "reference")
-        else:
-            monkeypatch.delenv("SNNCC_BACKEND", raising=False)
+        _use(backend, monkeypatch)
         s, (v,) = neuron_scan(spec, x, 4, False, None, (), pool=pool)
         res[backend] = (s, v, torch.autograd.grad((s * torch.cos(s + 1)).sum() + v.sum(), x))
     assert torch.equal(res["cuda"][0], res["reference"][0]) and torch.equal(res["cuda"][1], res["reference"][1])
