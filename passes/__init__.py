@@ -10,7 +10,8 @@ from .build_task_graph import build_task_graph
 from .fuse_conv_bn_neuron import fuse_conv_bn_neuron
 from .insert_bitpack import insert_bitpack
 from .schedule_layer_major import schedule_layer_major, schedule_wavefront
+from .choose_chunk import ChunkChoice, LayerCost, choose_chunk, layer_costs
 
 __all__ = ["hoist_time_invariant", "tag_timesteps", "NodeTag", "batch_over_time", "Group",
            "build_task_graph", "fuse_conv_bn_neuron", "insert_bitpack", "schedule_layer_major",
-           "schedule_wavefront"]
+           "schedule_wavefront", "choose_chunk", "layer_costs", "LayerCost", "ChunkChoice"]

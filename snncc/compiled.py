@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections import OrderedDict
-from typing import Any, Iterable, Iterator, Optional, Tuple, Type
+from typing import Union, Any, Dict, Iterable, Iterator, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -67,6 +68,9 @@ class CompiledModule(nn.Module):
         object.__setattr__(self, "_snncc_model", model)
         object.__setattr__(self, "_snncc_cache", OrderedDict())
         object.__setattr__(self, "_snncc_observer", None)
+        object.__setattr__(self, "_snncc_auto", {})      # specialization key -> its first call pending
+        #: the cost model's decisions for ``chunk="auto"``: specialization key -> passes.ChunkChoice
+        object.__setattr__(self, "chunk_choices", {})
         self.form, self.T, self.leaf_modules, self.verify = form, T, tuple(leaf_modules), verify
         self.options = options
         self.training = model.training
@@ -112,26 +116,55 @@ class CompiledModule(nn.Module):
         return self._specialization(args)[0]
 
     def _specialization(self, args: Tuple[Any, ...]) -> Tuple[Compiled, Executor]:
+        return self._entry(args)[1]
+
+    def _entry(self, args: Tuple[Any, ...]) -> Tuple[Tuple[Any, ...], Tuple[Compiled, Executor]]:
         T = self._check_inputs(args)
         key = _signature(args, self._snncc_model) + (T,)
         cache: OrderedDict = self._snncc_cache
         if key in cache:
             cache.move_to_end(key)
-            return cache[key]
+            return key, cache[key]
         traced = trace_unrolled(self._snncc_model, self.form, T, self.leaf_modules, args)
         if self.form == "loop":
             _check_loops(traced, self._snncc_model)
-        compiled = compile_graph(traced, verify=self.verify, options=self.options)
-        executor = Executor(traced, compiled.task_graph, compiled.schedule, options=self.options)
+        options = self.options
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        if self.options.streams > 1 and device is not None and device.type == "cuda":
-            from snncc.runtime.streams import CudaBackend, plan_streams
-            plan = plan_streams(compiled.task_graph, compiled.schedule, self.options.streams)
-            executor.use_streams(plan, CudaBackend(self.options.streams, device))
-        cache[key] = (compiled, executor)
+        if options.chunk == "auto":
+            # NOTE: the first call runs layer-major (K = T, always valid) and measures what each task
+            # touches; with several streams the cost model may then pick a smaller K (_resolve_auto).
+            options = dataclasses.replace(options, chunk=None)
+            if options.streams > 1:
+                self._snncc_auto[key] = (traced, device)
+        cache[key] = self._build(traced, options, device)
         if len(cache) > _CACHE_SIZE:
-            cache.popitem(last=False)
-        return cache[key]
+            old, _ = cache.popitem(last=False)
+            self._snncc_auto.pop(old, None)
+        return key, cache[key]
+
+    def _build(self, traced: Any, options: Options, device: Optional[torch.device]) -> Tuple[Compiled, Executor]:
+        compiled = compile_graph(traced, verify=self.verify, options=options)
+        executor = Executor(traced, compiled.task_graph, compiled.schedule, options=options)
+        if options.streams > 1 and device is not None and device.type == "cuda":
+            from snncc.runtime.streams import CudaBackend, plan_streams
+            plan = plan_streams(compiled.task_graph, compiled.schedule, options.streams)
+            executor.use_streams(plan, CudaBackend(options.streams, device))
+        return compiled, executor
+
+    def _resolve_auto(self, key: Tuple[Any, ...], step_bytes: Dict[str, float]) -> None:
+        """After a ``chunk="auto"`` specialization's first call: pick K with the cost model and, when it is
+        not T, rebuild the specialization chunked (later calls run it; results are the same either way)."""
+        from snncc import passes
+        from snncc.runtime.calibrate import calibrate
+        traced, device = self._snncc_auto.pop(key)
+        compiled, _ = self._snncc_cache[key]
+        tg, schedule = compiled.task_graph, compiled.schedule
+        T = max((t.steps for t in tg.tasks() if t.batched), default=1)
+        cal = calibrate(device if device is not None else torch.device("cpu"))
+        choice = passes.choose_chunk(passes.layer_costs(tg, schedule, step_bytes), T, cal, self.options.streams)
+        self.chunk_choices[key] = choice
+        if choice.K < T:
+            self._snncc_cache[key] = self._build(traced, dataclasses.replace(self.options, chunk=choice.K), device)
 
     @contextlib.contextmanager
     def observing(self, observer: TaskObserver) -> Iterator[TaskObserver]:
@@ -147,7 +180,13 @@ class CompiledModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
             raise InputError(f"compiled models take positional inputs only; got keyword(s) {sorted(kwargs)}")
-        return self._specialization(args)[1].run(args, self._snncc_observer)
+        key, (_, executor) = self._entry(args)
+        if key not in self._snncc_auto:
+            return executor.run(args, self._snncc_observer)
+        counter = _StepBytes(self._snncc_observer)
+        out = executor.run(args, counter)
+        self._resolve_auto(key, counter.step_bytes)
+        return out
 
     def stream(self) -> "Stream":
         """A streaming session: feed timesteps one at a time or in chunks, the state carried between calls.
@@ -204,6 +243,33 @@ class Stream:
         return self.feed(x_t.unsqueeze(0))[0]
 
 
+class _StepBytes(TaskObserver):
+    """Measures the bytes each task touches per timestep (its output, read and written: twice its size),
+    passing every call on to the user's observer."""
+
+    def __init__(self, inner: Optional[TaskObserver]) -> None:
+        self.inner = inner
+        self.step_bytes: Dict[str, float] = {}
+
+    def before(self, task: Any) -> None:
+        if self.inner is not None:
+            self.inner.before(task)
+
+    def after(self, task: Any, value: Any) -> None:
+        nbytes = sum(t.numel() * t.element_size() for t in _tensors(value))
+        self.step_bytes[task.name] = 2.0 * nbytes / max(task.steps, 1)
+        if self.inner is not None:
+            self.inner.after(task, value)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
 def _check_loops(traced, model: nn.Module) -> None:
     """A model compiled without T/sequence should loop over time itself: warn when it does not.
 
@@ -223,7 +289,7 @@ def _check_loops(traced, model: nn.Module) -> None:
 
 def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False,
             leaf_modules: Iterable[Type[nn.Module]] = (), verify: bool = False, memory: str = "default",
-            fuse: bool = True, bitpack: bool = True, chunk: Optional[int] = None,
+            fuse: bool = True, bitpack: bool = True, chunk: Union[int, str, None] = None,
             streams: int = 1) -> CompiledModule:
     """Compile a spiking model.
 
@@ -236,6 +302,13 @@ def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False
 
     Each call starts from the reset state. ``leaf_modules``: module classes to run as black boxes, step by
     step (the way out for code torch.fx cannot trace). ``verify``: check every pass's output.
+
+    Options (exact by default; see ``snncc.config.Options``): ``memory`` "default" | "half" (H kept in
+    float16 for backward) | "min" (backward reruns the neuron scans); ``fuse``/``bitpack``: the fusion and
+    bit-packing passes; ``chunk``: timesteps per task (None: all T; an int: a wavefront of chunks; "auto":
+    the cost model of ``passes/choose_chunk.py`` picks it per input shape after the first call, on a
+    measurement of the device cached on disk, decisions in ``chunk_choices``); ``streams``: CUDA streams
+    the waves are spread over.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"snncc.compile expects an nn.Module, got {type(model).__name__}")

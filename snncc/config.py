@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from .errors import InputError
 
@@ -18,19 +18,20 @@ MEMORY_MODES = ("default", "half", "min")
 class Options:
     """``fuse``: run the fusion passes (max pool into the neuron kernel, eval BatchNorm into the conv).
     ``bitpack``: keep spike inputs of conv/linear layers as bits for backward. ``memory``: MEMORY_MODES.
-    ``chunk``: timesteps per task (None: all T, layer-major); smaller chunks give a wavefront schedule.
+    ``chunk``: timesteps per task (None: all T, layer-major); smaller chunks give a wavefront schedule;
+    ``"auto"``: chosen per specialization by the cost model of ``passes/choose_chunk.py``.
     ``streams``: on CUDA, the waves' tasks are spread over this many streams (runtime/streams.py)."""
 
     fuse: bool = True
     bitpack: bool = True
     memory: str = "default"
-    chunk: Optional[int] = None     # timesteps per task; None = all T (layer-major)
+    chunk: Union[int, str, None] = None   # timesteps per task; None = all T (layer-major); "auto"
     streams: int = 1                # CUDA streams the waves are spread over (CPU: always one)
 
     def __post_init__(self) -> None:
-        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int)
-                                       or self.chunk < 1):
-            raise InputError(f"snncc.compile: chunk must be a positive int (timesteps per task) or None, "
+        if self.chunk is not None and self.chunk != "auto" and (
+                isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1):
+            raise InputError(f"snncc.compile: chunk must be a positive int (timesteps per task), 'auto' or None, "
                              f"got {self.chunk!r}")
         if isinstance(self.streams, bool) or not isinstance(self.streams, int) or self.streams < 1:
             raise InputError(f"snncc.compile: streams must be a positive int, got {self.streams!r}")
