@@ -47,13 +47,27 @@ def pack_count(x: torch.Tensor) -> Tuple[Optional[torch.Tensor], int]:
         ones = cpu.bits_library(x.dtype).pack_check(x.data_ptr(), x.numel(), out.data_ptr(),
                                                      torch.get_num_threads())
         return (out, int(ones)) if ones >= 0 else (None, -1)
+    if x.device.type != "cpu":
+        return _pack_torch(x, check_on_device=True), -1
     bits = _pack_torch(x)
     return (bits, int(x.sum().item())) if bits is not None else (None, -1)
 
 
-def _pack_torch(x: torch.Tensor) -> Optional[torch.Tensor]:
+def _pack_torch(x: torch.Tensor, check_on_device: bool = False) -> Optional[torch.Tensor]:
+    """Bits of ``x`` in memory order. The values are checked to be 0/1: on the host (None if not), or with
+    ``check_on_device`` by an asynchronous device assert.
+
+    NOTE: on a GPU a host-side check would synchronize the stream once per packed layer (the host waits for
+    the GPU to catch up, killing the asynchronous launch pipeline and making CUDA-graph capture impossible);
+    ``insert_bitpack`` proves the values are spikes, so the device assert only guards that proof, and a
+    failure is loud (a CUDA error naming snncc), never a silently wrong gradient.
+    """
     flat = x.permute(0, 2, 3, 1).reshape(-1) if not x.is_contiguous() else x.reshape(-1)
-    if not bool(((flat == 0) | (flat == 1)).all()):     # a value other than 0 or 1: keep the dense input
+    binary = ((flat == 0) | (flat == 1)).all()
+    if check_on_device:
+        torch._assert_async(binary, "snncc: a convolution's input marked as spikes holds a value other than "
+                                    "0 or 1 (bit-packing); please report it, and compile with bitpack=False")
+    elif not bool(binary):     # a value other than 0 or 1: keep the dense input
         return None
     b = flat.to(torch.uint8)
     n = b.numel()

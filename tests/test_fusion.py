@@ -165,6 +165,17 @@ def test_pack_refuses_non_binary_values(backend, monkeypatch):
     assert pack_spikes(torch.tensor([[0.0, 1.0], [1.0, 0.0]]).t()) is None     # not dense
 
 
+def test_device_side_pack_check_never_syncs_but_fails_loudly():
+    """GPU path (regression: it synchronized the stream twice per packed layer): the 0/1 check is an
+    asynchronous device assert; exercised here on CPU, where the same assert raises at once."""
+    from snncc.runtime.packed import _pack_torch
+    x = (torch.rand(2, 8, 5, 3) > 0.5).float().contiguous(memory_format=torch.channels_last)
+    bits = _pack_torch(x, check_on_device=True)
+    assert torch.equal(unpack_spikes(bits, tuple(x.shape), x.stride(), x.dtype), x)
+    with pytest.raises(RuntimeError, match="bitpack=False"):
+        _pack_torch(x * 0.5, check_on_device=True)
+
+
 @pytest.mark.parametrize("binary", [True, False])
 def test_packed_conv_and_linear_gradients_equal_dense(binary):
     torch.manual_seed(0)
