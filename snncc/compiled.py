@@ -71,6 +71,8 @@ class CompiledModule(nn.Module):
         object.__setattr__(self, "_snncc_auto", {})      # specialization key -> its first call pending
         #: the cost model's decisions for ``chunk="auto"``: specialization key -> passes.ChunkChoice
         object.__setattr__(self, "chunk_choices", {})
+        from snncc.runtime.graphs import GraphCache
+        object.__setattr__(self, "_snncc_graphs", GraphCache())
         self.form, self.T, self.leaf_modules, self.verify = form, T, tuple(leaf_modules), verify
         self.options = options
         self.training = model.training
@@ -140,6 +142,7 @@ class CompiledModule(nn.Module):
         if len(cache) > _CACHE_SIZE:
             old, _ = cache.popitem(last=False)
             self._snncc_auto.pop(old, None)
+            self._snncc_graphs.forget(old)
         return key, cache[key]
 
     def _build(self, traced: Any, options: Options, device: Optional[torch.device]) -> Tuple[Compiled, Executor]:
@@ -166,6 +169,21 @@ class CompiledModule(nn.Module):
         if choice.K < T:
             self._snncc_cache[key] = self._build(traced, dataclasses.replace(self.options, chunk=choice.K), device)
 
+    def _graphed(self, key: Tuple[Any, ...], args: Tuple[Any, ...]) -> Any:
+        """The call through runtime/graphs.py: warm-up, capture, then replay (or ordinary calls, and why)."""
+        from snncc.runtime.graphs import blockers
+        graphs = self._snncc_graphs
+        gkey = key + (torch.is_grad_enabled(), _autocast_state(),
+                      tuple(bool(getattr(a, "requires_grad", False)) for a in args))
+
+        def run(*inputs: Any) -> Any:
+            return self._snncc_cache[key][1].run(inputs, None)
+
+        def why_not() -> list:
+            return blockers(self._snncc_cache[key][0], self._snncc_model, args, self.options.streams, False,
+                            need_cuda=graphs.backend.needs_cuda)
+        return graphs.call(gkey, run, args, self._snncc_model, why_not)
+
     @contextlib.contextmanager
     def observing(self, observer: TaskObserver) -> Iterator[TaskObserver]:
         """Within the block, every forward calls ``observer.before(task)`` / ``observer.after(task, value)``
@@ -180,8 +198,10 @@ class CompiledModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
             raise InputError(f"compiled models take positional inputs only; got keyword(s) {sorted(kwargs)}")
-        key, (_, executor) = self._entry(args)
+        key, (compiled, executor) = self._entry(args)
         if key not in self._snncc_auto:
+            if self.options.cuda_graphs and self._snncc_observer is None:
+                return self._graphed(key, args)
             return executor.run(args, self._snncc_observer)
         counter = _StepBytes(self._snncc_observer)
         out = executor.run(args, counter)
@@ -243,6 +263,11 @@ class Stream:
         return self.feed(x_t.unsqueeze(0))[0]
 
 
+def _autocast_state() -> Tuple[Any, ...]:
+    """What a captured graph depends on besides the specialization: autocast on/off and its dtype."""
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu"))
+
+
 class _StepBytes(TaskObserver):
     """Measures the bytes each task touches per timestep (its output, read and written: twice its size),
     passing every call on to the user's observer."""
@@ -290,7 +315,7 @@ def _check_loops(traced, model: nn.Module) -> None:
 def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False,
             leaf_modules: Iterable[Type[nn.Module]] = (), verify: bool = False, memory: str = "default",
             fuse: bool = True, bitpack: bool = True, chunk: Union[int, str, None] = None,
-            streams: int = 1) -> CompiledModule:
+            streams: int = 1, cuda_graphs: bool = False) -> CompiledModule:
     """Compile a spiking model.
 
     * ``compile(step_model, T=8)``: the model runs one timestep per call; the input ``[N, ...]`` is fed at
@@ -308,14 +333,16 @@ def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False
     bit-packing passes; ``chunk``: timesteps per task (None: all T; an int: a wavefront of chunks; "auto":
     the cost model of ``passes/choose_chunk.py`` picks it per input shape after the first call, on a
     measurement of the device cached on disk, decisions in ``chunk_choices``); ``streams``: CUDA streams
-    the waves are spread over.
+    the waves are spread over; ``cuda_graphs``: after two warm-up calls per specialization, replay each
+    call from a CUDA graph (``runtime/graphs.py``: what cannot be captured warns once and runs as usual).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"snncc.compile expects an nn.Module, got {type(model).__name__}")
     if T is not None and sequence:
         raise InputError("snncc.compile: pass either T= (a static input fed at every step) or sequence=True "
                          "(T read from the input's first dimension), not both")
-    options = Options(fuse=bool(fuse), bitpack=bool(bitpack), memory=memory, chunk=chunk, streams=streams)
+    options = Options(fuse=bool(fuse), bitpack=bool(bitpack), memory=memory, chunk=chunk, streams=streams,
+                      cuda_graphs=cuda_graphs)
     leaf = tuple(leaf_modules)
     for cls in leaf:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):

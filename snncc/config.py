@@ -20,13 +20,15 @@ class Options:
     ``bitpack``: keep spike inputs of conv/linear layers as bits for backward. ``memory``: MEMORY_MODES.
     ``chunk``: timesteps per task (None: all T, layer-major); smaller chunks give a wavefront schedule;
     ``"auto"``: chosen per specialization by the cost model of ``passes/choose_chunk.py``.
-    ``streams``: on CUDA, the waves' tasks are spread over this many streams (runtime/streams.py)."""
+    ``streams``: on CUDA, the waves' tasks are spread over this many streams (runtime/streams.py).
+    ``cuda_graphs``: capture each specialization's steady-state call in a CUDA graph (runtime/graphs.py)."""
 
     fuse: bool = True
     bitpack: bool = True
     memory: str = "default"
     chunk: Union[int, str, None] = None   # timesteps per task; None = all T (layer-major); "auto"
     streams: int = 1                # CUDA streams the waves are spread over (CPU: always one)
+    cuda_graphs: bool = False       # replay warm specializations from CUDA graphs (runtime/graphs.py)
 
     def __post_init__(self) -> None:
         if self.chunk is not None and self.chunk != "auto" and (
@@ -35,5 +37,7 @@ class Options:
                              f"got {self.chunk!r}")
         if isinstance(self.streams, bool) or not isinstance(self.streams, int) or self.streams < 1:
             raise InputError(f"snncc.compile: streams must be a positive int, got {self.streams!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise InputError(f"snncc.compile: cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if self.memory not in MEMORY_MODES:
             raise InputError(f"snncc.compile: memory must be one of {MEMORY_MODES}, got {self.memory!r}")
