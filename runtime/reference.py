@@ -245,6 +245,14 @@ def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
     x0 = x if broadcast else x[0]
     w = params[0] if spec.kind == "plif" and len(params) == 1 else None
     v0 = None if state is None else state[0]        # None: the kernels start from the reset value
+    if x.dtype in (torch.float16, torch.bfloat16) and not (x.is_cuda and cuda.supports(spec, x, v0, w)):
+        # NOTE: AMP (autocast gives the neurons half-precision input): the state is kept in float32, as the
+        # CUDA kernels do, so V does not lose the small increments a half-precision sum rounds away; spikes
+        # (exactly 0/1) go back in the input's dtype and the gradient back to it through autograd.
+        st = None if state is None else tuple(s.float() for s in state)
+        spikes, out_state = neuron_scan(spec, x.float(), K, broadcast, st, params, pool, h_dtype, recompute,
+                                        pool_cf)
+        return spikes.to(x.dtype), out_state
     if x.is_cuda and cuda.supports(spec, x, v0, w) and (w is None or w.numel() == 1):
         from .cuda.launch import cuda_scan       # imports cupy: only when a CUDA scan actually runs
         spikes, v = cuda_scan(spec, x, K, broadcast, v0, w, pool, h_dtype)
