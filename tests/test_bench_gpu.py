@@ -14,13 +14,13 @@ import bench_gpu  # noqa: E402
 
 def test_quick_run_writes_records(tmp_path):
     out = tmp_path / "cpu.json"
-    bench_gpu.main(["--quick", "--device", "cpu", "--models", "csnn", "--variants", "eager,snncc,ann_floor",
+    bench_gpu.main(["--quick", "--device", "cpu", "--models", "csnn", "--variants", "eager,snncc,snncc-streams,ann_floor",
                     "--out", str(out)])
     records = json.loads(out.read_text())
     keys = {"model", "T", "batch", "mode", "variant", "ms", "peak_mem_mb", "device", "torch", "date"}
     assert records and all(keys <= set(r) for r in records)
     got = {(r["variant"], r["mode"]) for r in records}
-    assert got == {(v, m) for v in ("eager", "snncc", "ann_floor") for m in ("train", "infer")}
+    assert got == {(v, m) for v in ("eager", "snncc", "snncc-streams", "ann_floor") for m in ("train", "infer")}
     assert all(isinstance(r["ms"], float) and r["ms"] > 0 for r in records)
     assert all(r["device"] == "cpu" and r["peak_mem_mb"] is None for r in records)
 

@@ -34,7 +34,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import snncc  # noqa: E402
 from snncc.frontend import is_stateful  # noqa: E402
 
-VARIANTS = ("eager", "spikingjelly", "torch.compile", "snncc", "ann_floor")
+VARIANTS = ("eager", "spikingjelly", "torch.compile", "snncc", "snncc-graphs", "snncc-streams", "ann_floor")
+#: snncc-graphs: compile(..., cuda_graphs=True); snncc-streams: compile(..., chunk="auto", streams=4)
+_SNNCC_OPTIONS = {"snncc": {}, "snncc-graphs": {"cuda_graphs": True},
+                  "snncc-streams": {"chunk": "auto", "streams": 4}}
 
 
 # --------------------------------------------------------------------------- models
@@ -156,8 +159,9 @@ def make_variants(factory: Callable[[], nn.Module], T: int, sequence: bool, devi
                 out[f"spikingjelly-{why}" if fn else v] = (fn, m, None if fn else why)
             elif v == "torch.compile":
                 out[v] = (torch.compile(eager_loop(m, T, sequence)), m, None)
-            elif v == "snncc":
-                cm = snncc.compile(m, sequence=True) if sequence else snncc.compile(m, T=T)
+            elif v in _SNNCC_OPTIONS:
+                kw = _SNNCC_OPTIONS[v]
+                cm = snncc.compile(m, sequence=True, **kw) if sequence else snncc.compile(m, T=T, **kw)
                 out[v] = ((lambda c: lambda x: c(x).mean(0))(cm), m, None)
             elif v == "ann_floor":
                 r = relu_copy(m)
@@ -271,13 +275,17 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", default="csnn,vggsnn,sew_resnet18")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; on CPU without the "
+                         "GPU-only snncc-graphs and snncc-streams)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="tiny shapes and batches: a smoke test")
     ap.add_argument("--out", help="JSON file (default tools/results/<device>.json)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    which = [v.strip() for v in args.variants.split(",") if v.strip()]
+    default = VARIANTS if device.type == "cuda" else tuple(v for v in VARIANTS
+                                                            if v not in ("snncc-graphs", "snncc-streams"))
+    which = [v.strip() for v in (args.variants or ",".join(default)).split(",") if v.strip()]
     bad = [v for v in which if v not in VARIANTS]
     if bad:
         ap.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
