@@ -13,6 +13,7 @@ Everything kept for backward goes through ``ctx.save_for_backward``.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
@@ -230,6 +231,15 @@ class _GenericScan(torch.autograd.Function):
         return (None, None, None, None, g_x_all) + tuple(g_state) + tuple(g_params)
 
 
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
 def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
                 state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
                 pool: Optional[int] = None, h_dtype: Optional[torch.dtype] = None, recompute: bool = False,
@@ -255,6 +265,9 @@ def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
         return spikes.to(x.dtype), out_state
     if x.is_cuda and cuda.supports(spec, x, v0, w) and (w is None or w.numel() == 1):
         from .cuda.launch import cuda_scan       # imports cupy: only when a CUDA scan actually runs
+        if recompute:
+            _warn_once("snncc: memory='min' is not implemented by the CUDA kernels yet; they keep H for "
+                       "backward as memory='default' does (same results, more memory).")
         spikes, v = cuda_scan(spec, x, K, broadcast, v0, w, pool, h_dtype)
         return spikes, (v,)
     if supports(spec, x, v0, w) and (w is None or w.numel() == 1):
