@@ -6,10 +6,16 @@ marked ``cuda`` and skipped without a CUDA device and CuPy.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import glob
 import importlib.util
 import itertools
+import os
+import re
 import shutil
 import subprocess
+from typing import Optional
 
 import pytest
 import torch
@@ -54,7 +60,7 @@ def test_cuda_source_names_and_no_cupy_import():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_every_variant_compiles_for_sm80_and_sm90(tmp_path):
-    parts = [cuda_source(spec, dt, hdt, k, prefix=f"v{i}", header=i == 0)
+    parts = [cuda_source(spec, dt, hdt, k, prefix=f"v{i}")
              for i, (spec, dt, hdt, k) in enumerate(_variants())]
     cu = tmp_path / "all_variants.cu"
     cu.write_text("".join(parts))
@@ -63,6 +69,75 @@ def test_every_variant_compiles_for_sm80_and_sm90(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "error" not in r.stderr.lower()
+
+
+def test_source_needs_no_host_headers():
+    """CuPy compiles with NVRTC, which has no system include path: ``#include <math.h>`` is a fatal error
+    there and ``M_PI`` (a host math.h macro) is undefined. Only the half-precision headers, and only in the
+    variants that use them."""
+    for spec, dt, hdt, k in _variants():
+        src = cuda_source(spec, dt, hdt, k)
+        includes = re.findall(r"#\s*include\s*[<\"]([^>\"]+)", src)
+        want = (["cuda_fp16.h"] if "float16" in (dt, hdt) else []) + (["cuda_bf16.h"] if dt == "bfloat16" else [])
+        assert includes == want, (dt, hdt, includes)
+        assert "M_PI" not in src
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_forward_kernels_do_not_fuse_multiply_add(tmp_path):
+    """With the launcher's NVRTC options the forward scans have no fused multiply-add: ``v * DEC + x``
+    contracted into one fma rounds once, torch rounds twice, and V would not be bit-identical."""
+    from snncc.runtime.cuda.kernels import NVRTC_OPTIONS
+    cu = tmp_path / "lif.cu"
+    cu.write_text(cuda_source(_spec("lif", decay_input=False)))     # v * DEC + x: contracted by default
+    ptx = {}
+    for name, opts in (("default", ["-std=c++17"]), ("launcher", list(NVRTC_OPTIONS))):
+        out = tmp_path / f"{name}.ptx"
+        r = subprocess.run(["nvcc", *opts, "-ptx", "-arch=sm_80", str(cu), "-o", str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        ptx[name] = {e.split("(")[0].strip(): e for e in out.read_text().split(".entry ")[1:]}
+    fwd = ("snncc_scan_fwd", "snncc_pool_fwd")
+    assert any("fma.rn" in ptx["default"][k] for k in fwd), "the check would not see a contraction"
+    for k in fwd:
+        assert "fma.rn" not in ptx["launcher"][k], k
+
+
+def _nvrtc() -> Optional[ctypes.CDLL]:
+    """libnvrtc, where installed (a CUDA toolkit, or PyPI's nvidia-cuda-nvrtc-cu12 / SNNCC_NVRTC=path)."""
+    paths = [os.environ.get("SNNCC_NVRTC", ""), ctypes.util.find_library("nvrtc") or ""]
+    spec = importlib.util.find_spec("nvidia.cuda_nvrtc") if importlib.util.find_spec("nvidia") else None
+    if spec is not None and spec.submodule_search_locations:
+        paths += sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "lib", "libnvrtc.so*")))
+    for p in paths:
+        if p:
+            try:
+                return ctypes.CDLL(p)
+            except OSError:
+                continue
+    return None
+
+
+@pytest.mark.skipif(_nvrtc() is None, reason="libnvrtc not found (set SNNCC_NVRTC=/path/to/libnvrtc.so)")
+def test_nvrtc_compiles_every_float_variant():
+    """What CuPy does first on a GPU: NVRTC, the launcher's options, no include path at all. (The half
+    variants need CuPy's include path for cuda_fp16.h / cuda_bf16.h and are left to the nvcc check.)"""
+    from snncc.runtime.cuda.kernels import NVRTC_OPTIONS
+    lib = _nvrtc()
+    for spec, dt, hdt, k in _variants():
+        if "float16" in (dt, hdt) or dt == "bfloat16":
+            continue
+        prog = ctypes.c_void_p()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), cuda_source(spec, dt, hdt, k).encode(), b"k.cu", 0,
+                                      None, None) == 0
+        opts = (ctypes.c_char_p * len(NVRTC_OPTIONS))(*[o.encode() for o in NVRTC_OPTIONS])
+        rc = lib.nvrtcCompileProgram(prog, len(NVRTC_OPTIONS), opts)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        assert rc == 0, (spec, dt, log.value.decode(errors="replace")[-3000:])
 
 
 # --------------------------------------------------------------------------- on a GPU

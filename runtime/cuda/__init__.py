@@ -1,5 +1,7 @@
 """CUDA backend: the neuron scans as CUDA C++ (``kernels.py``, no CuPy needed to generate or compile-check
-them) launched through CuPy on torch's current stream (``launch.py``, the only module that imports cupy).
+them), the autograd Function that marshals tensors into them (``scan.py``, device-independent: CI runs it
+with the kernels on a host emulator, tests/cuda_emu), launched through CuPy on torch's current stream
+(``launch.py``, the only module that imports cupy).
 
 Without CuPy, CUDA tensors run on the reference backend (plain torch ops), and the first such call says how
 to install CuPy (``pip install snncc[cuda12]`` or ``snncc[cuda13]``).
