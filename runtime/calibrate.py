@@ -22,7 +22,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -171,10 +171,3 @@ def calibrate(device: torch.device) -> Calibration:
         pass                                   # a read-only cache only costs a re-measurement next time
     return cal
 
-
-def load(path: Optional[str]) -> Optional[Calibration]:
-    """A calibration saved as JSON (``asdict``), for tools that replay another device's numbers."""
-    if path is None:
-        return None
-    with open(path) as f:
-        return Calibration.from_dict(json.load(f))

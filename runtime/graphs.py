@@ -31,13 +31,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from snncc.passes.hoist_time_invariant import is_random
+
 __all__ = ["GraphCache", "CudaGraphs", "NullGraphs", "blockers", "WARMUP"]
 
 #: ordinary calls before a specialization is captured
 WARMUP = 2
-
-_RANDOM_TARGETS = ("dropout", "rand", "bernoulli", "multinomial", "normal")
-
 
 def blockers(compiled: Any, model: nn.Module, inputs: Sequence[Any], streams: int,
              observed: bool, need_cuda: bool = True) -> List[str]:
@@ -53,13 +52,11 @@ def blockers(compiled: Any, model: nn.Module, inputs: Sequence[Any], streams: in
     for task in compiled.task_graph.tasks():
         if task.kind == "opaque":
             why.append(f"module '{task.target}' runs opaquely (arbitrary Python)")
-        label = str(getattr(task.target, "__name__", task.target)).lower()
-        if task.kind in ("module", "function", "method") and any(r in label for r in _RANDOM_TARGETS):
-            why.append(f"'{task.target}' draws random numbers")
-        if task.kind == "module":
-            m = model.get_submodule(task.target)
-            if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)) and m.training:
-                why.append(f"dropout '{task.target}' draws random numbers")
+    traced = compiled.traced
+    for node in traced.graph.nodes:
+        # NOTE: the passes' own notion of a random draw; a dropout module in eval draws nothing
+        if is_random(node, traced) and (node.op != "call_module" or traced.root.get_submodule(node.target).training):
+            why.append(f"'{getattr(node.target, '__name__', node.target)}' draws random numbers")
     for name, b in compiled.traced.bindings.items():
         if b is not None and b.spec.kind == "plif":
             why.append(f"PLIF neuron '{name}' (its decay is read on the host at launch)")

@@ -5,7 +5,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections import OrderedDict
-from typing import Union, Any, Dict, Iterable, Iterator, Optional, Tuple, Type
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -14,8 +14,11 @@ from .config import Options
 from .errors import InputError
 from .frontend import bind_neuron, is_stateful, reset_module, trace_unrolled
 from .pipeline import Compiled, compile_graph
+from snncc import passes
 from snncc.runtime import Executor
+from snncc.runtime import calibrate as calibration
 from snncc.runtime.executor import TaskObserver
+from snncc.runtime.graphs import GraphCache, blockers
 
 __all__ = ["compile", "CompiledModule", "Stream", "reset"]
 
@@ -71,7 +74,6 @@ class CompiledModule(nn.Module):
         object.__setattr__(self, "_snncc_auto", {})      # specialization key -> its first call pending
         #: the cost model's decisions for ``chunk="auto"``: specialization key -> passes.ChunkChoice
         object.__setattr__(self, "chunk_choices", {})
-        from snncc.runtime.graphs import GraphCache
         object.__setattr__(self, "_snncc_graphs", GraphCache())
         self.form, self.T, self.leaf_modules, self.verify = form, T, tuple(leaf_modules), verify
         self.options = options
@@ -157,13 +159,11 @@ class CompiledModule(nn.Module):
     def _resolve_auto(self, key: Tuple[Any, ...], step_bytes: Dict[str, float]) -> None:
         """After a ``chunk="auto"`` specialization's first call: pick K with the cost model and, when it is
         not T, rebuild the specialization chunked (later calls run it; results are the same either way)."""
-        from snncc import passes
-        from snncc.runtime.calibrate import calibrate
         traced, device = self._snncc_auto.pop(key)
         compiled, _ = self._snncc_cache[key]
         tg, schedule = compiled.task_graph, compiled.schedule
         T = max((t.steps for t in tg.tasks() if t.batched), default=1)
-        cal = calibrate(device if device is not None else torch.device("cpu"))
+        cal = calibration.calibrate(device if device is not None else torch.device("cpu"))
         choice = passes.choose_chunk(passes.layer_costs(tg, schedule, step_bytes), T, cal, self.options.streams)
         self.chunk_choices[key] = choice
         if choice.K < T:
@@ -171,7 +171,6 @@ class CompiledModule(nn.Module):
 
     def _graphed(self, key: Tuple[Any, ...], args: Tuple[Any, ...]) -> Any:
         """The call through runtime/graphs.py: warm-up, capture, then replay (or ordinary calls, and why)."""
-        from snncc.runtime.graphs import blockers
         graphs = self._snncc_graphs
         gkey = key + (torch.is_grad_enabled(), _autocast_state(),
                       tuple(bool(getattr(a, "requires_grad", False)) for a in args))
@@ -198,7 +197,7 @@ class CompiledModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
             raise InputError(f"compiled models take positional inputs only; got keyword(s) {sorted(kwargs)}")
-        key, (compiled, executor) = self._entry(args)
+        key, (_, executor) = self._entry(args)
         if key not in self._snncc_auto:
             if self.options.cuda_graphs and self._snncc_observer is None:
                 return self._graphed(key, args)

@@ -7,7 +7,6 @@ the kernels, tests/cuda_emu). Tensors are passed as raw device pointers; the lau
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 from typing import Any, Dict, Optional, Tuple
 
@@ -30,7 +29,9 @@ class CupyLauncher:
         self._modules: Dict[Tuple[int, str], Any] = {}
 
     def module(self, src: str) -> Any:
-        key = (torch.cuda.current_device(), hashlib.sha256(src.encode()).hexdigest()[:20])
+        # NOTE: keyed by the source itself: scan.kernel_source returns one memoized str per variant, whose
+        # hash Python caches, so this lookup is cheap on every launch (a sha256 of it was not)
+        key = (torch.cuda.current_device(), src)
         with self._lock:
             if key not in self._modules:
                 self._modules[key] = cupy.RawModule(code=src, options=NVRTC_OPTIONS)
