@@ -18,7 +18,7 @@ from torch import nn
 
 from snncc.frontend import Traced
 from snncc.ir import Ref, Steps, Task, TaskGraph
-from snncc.runtime.codegen import plain_step_surrogate
+from snncc.surrogate import plain_step_surrogate
 
 __all__ = ["insert_bitpack", "spike_valued"]
 

@@ -18,6 +18,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from snncc.neurons import NeuronSpec
+from snncc.surrogate import plain_step_surrogate
 
 __all__ = ["KINDS", "KINDS2", "SURROGATES", "supported", "plain_step_surrogate", "charge", "reset", "bwd_reset", "surrogate", "charge_grads",
            "dh_dk", "EXP_FLOAT"]
@@ -72,47 +73,6 @@ def supported(spec: NeuronSpec, two_state: bool = False) -> bool:
         return spec.kind in KINDS and plain_step_surrogate(spec.surrogate.fn)
     kinds = KINDS + KINDS2 if two_state else KINDS
     return spec.kind in kinds and spec.surrogate.name in SURROGATES
-
-
-_PROBED: Dict[int, Tuple[Any, bool]] = {}
-
-
-def plain_step_surrogate(fn: Any) -> bool:
-    """Is a user's surrogate a plain spike function: forward exactly ``z >= 0`` and backward an elementwise
-    derivative times the incoming gradient? Checked once per callable on probe values (the threshold
-    itself, +-0, tiny and large values, random ones) in float32 and float64: if so the kernels run its
-    forward themselves and call its backward once per chunk for the derivative; if not (``z > 0``, a
-    stochastic spike, a non-elementwise backward...) the reference scan calls it as is, step by step.
-    """
-    hit = _PROBED.get(id(fn))
-    if hit is not None and hit[0] is fn:
-        return hit[1]
-    ok = True
-    gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.float64):
-        fixed = torch.tensor([-1e3, -2.0, -1.0, -0.5, -1e-7, -0.0, 0.0, 1e-7, 0.5, 1.0, 2.0, 1e3], dtype=dtype)
-        z = torch.cat([fixed, torch.randn(64, generator=gen, dtype=dtype) * 3])
-        try:
-            with torch.enable_grad():
-                zz = z.clone().requires_grad_(True)
-                s = fn(zz)
-                if not (isinstance(s, torch.Tensor) and s.shape == z.shape and
-                        torch.equal(s.detach(), (z >= 0).to(s.dtype))):
-                    ok = False
-                    break
-                u = torch.randn(z.shape, generator=gen, dtype=dtype)
-                (g1,) = torch.autograd.grad(s, zz, u, retain_graph=True)
-                (g2,) = torch.autograd.grad(s, zz, torch.ones_like(z))
-            with torch.no_grad():
-                s0 = fn(z.clone())
-            ok = torch.allclose(g1, u * g2, rtol=1e-5, atol=1e-7) and torch.isfinite(g2).all().item() and \
-                torch.equal(s0, (z >= 0).to(s0.dtype))
-        except Exception:
-            ok = False
-        if not ok:
-            break
-    _PROBED[id(fn)] = (fn, bool(ok))
-    return bool(ok)
 
 
 def _reset0(spec: NeuronSpec) -> bool:

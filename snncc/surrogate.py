@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from torch import nn
 __all__ = [
     "SurrogateSpec", "derivative", "heaviside", "Surrogate", "Sigmoid", "ATan", "SuperSpike",
     "PiecewiseLinear", "Esser", "Triangle", "ZIF", "Rectangular", "Erf", "KNOWN_SURROGATES",
+    "plain_step_surrogate",
 ]
 
 KNOWN_SURROGATES = ("sigmoid", "atan", "superspike", "piecewise_linear", "triangle", "rectangular", "erf")
@@ -163,3 +164,57 @@ class Erf(Surrogate):
     """Gaussian derivative ``alpha / sqrt(pi) exp(-(alpha x)^2)``."""
 
     name, default_alpha = "erf", 2.0
+
+
+_PROBED: Dict[Tuple[int, bool], Tuple[Any, Union[bool, str]]] = {}
+
+
+def plain_step_surrogate(fn: Any, strict_ok: bool = False) -> Union[bool, str]:
+    """Is a user's surrogate a plain spike function: forward exactly ``z >= 0`` (or, with ``strict_ok``,
+    exactly ``z > 0``, snnTorch's convention: then ``"strict"`` is returned) and backward an elementwise
+    derivative times the incoming gradient? Checked once per callable on probe values (the threshold itself,
+    +-0, tiny and large values, random ones) in float32 and float64: if so the kernels run its forward
+    themselves and take its derivative from its backward; if not (a stochastic spike, a non-elementwise
+    backward...) it is called as is, step by step.
+    """
+    hit = _PROBED.get((id(fn), strict_ok))
+    if hit is not None and hit[0] is fn:
+        return hit[1]
+    ok: Union[bool, str] = True
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        fixed = torch.tensor([-1e3, -2.0, -1.0, -0.5, -1e-7, -0.0, 0.0, 1e-7, 0.5, 1.0, 2.0, 1e3], dtype=dtype)
+        z = torch.cat([fixed, torch.randn(64, generator=gen, dtype=dtype) * 3])
+        try:
+            with torch.enable_grad():
+                zz = z.clone().requires_grad_(True)
+                s = fn(zz)
+                if not isinstance(s, torch.Tensor) or s.shape != z.shape:
+                    ok = False
+                    break
+                kind = _step_kind(s.detach(), z, strict_ok)
+                if not kind or (ok is not True and kind != ok):
+                    ok = False
+                    break
+                u = torch.randn(z.shape, generator=gen, dtype=dtype)
+                (g1,) = torch.autograd.grad(s, zz, u, retain_graph=True)
+                (g2,) = torch.autograd.grad(s, zz, torch.ones_like(z))
+            with torch.no_grad():
+                s0 = fn(z.clone())
+            good = torch.allclose(g1, u * g2, rtol=1e-5, atol=1e-7) and bool(torch.isfinite(g2).all()) and \
+                _step_kind(s0, z, strict_ok) == kind
+            ok = (True if kind == "ge" else "strict") if good else False
+        except Exception:
+            ok = False
+        if not ok:
+            break
+    _PROBED[(id(fn), strict_ok)] = (fn, ok)
+    return ok
+
+
+def _step_kind(s: torch.Tensor, z: torch.Tensor, strict_ok: bool) -> Union[bool, str]:
+    if torch.equal(s, (z >= 0).to(s.dtype)):
+        return "ge"
+    if strict_ok and torch.equal(s, (z > 0).to(s.dtype)):
+        return "strict"
+    return False
