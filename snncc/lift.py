@@ -724,8 +724,9 @@ def _build(rec: _Recorder, out: Any, state_names: Sequence[str], m: nn.Module, s
     pnames = {f"p_{p.replace('.', '_')}": p for p in tensors}
     params = tuple(n for n in pnames if n in needed)
     sur = tuple(s for s, _ in rec.surrogates)
+    live = {"x", *states_in, *params, *(o.out for o in keep)}
     ir = NeuronIR("x", states_in, params, tuple(keep), (ov.name,), tuple(new_states), sur,
-                  tuple(sorted(rec.dtypes.items())))
+                  tuple(sorted((k, v) for k, v in rec.dtypes.items() if k in live)))
     return ir, tuple(pnames[p] for p in params)
 
 

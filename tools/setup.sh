@@ -33,12 +33,41 @@ fi
 # 2. snncc itself (editable) with the test and demo dependencies (pytest, hypothesis, scikit-learn, matplotlib).
 pip_install -e ".[test]"
 
-# 3. Interop extras, without their dependencies: their metadata pulls torchvision, which would replace the
-#    CPU torch with a CUDA build. Optional: the tests that need them skip when they are absent.
-if pip_install --no-deps "spikingjelly==0.0.0.0.14" "snntorch==1.0.0"; then
-    echo "setup: spikingjelly and snntorch installed"
+# 3. Interop extras, without their dependencies: their metadata pulls torchvision and torchaudio, which would
+#    replace the CPU torch with a CUDA build. Optional: the tests that need them skip when they are absent.
+#    SpikingJelly 2.x is the current release and what the main environment gets. Of its long requirement list
+#    (h5py, scipy, tensorboard, SciencePlots, ...) only loguru and numpy are imported by
+#    spikingjelly.activation_based.{neuron,layer,surrogate,functional} on the CPU (checked in a bare venv
+#    holding only torch); numpy comes with snncc, so loguru is the one extra. The rest serve datasets,
+#    plotting and the CUDA/Triton back ends, none of which snncc or its tests touch.
+if pip_install --no-deps "spikingjelly==2.0.0" "loguru>=0.7,<1" "snntorch==1.0.0"; then
+    echo "setup: spikingjelly 2.0.0 and snntorch 1.0.0 installed"
 else
     echo "setup: WARNING: could not install spikingjelly/snntorch; their interop tests will be skipped" >&2
+fi
+
+# 3b. SpikingJelly 0.0.0.0.14 (the release most published SNN code was written against; its nodes differ from
+#     2.x's) in a repo-local folder outside the environment, so that both versions can be tested:
+#     tests/test_sj_versions.py runs it with PYTHONPATH=build/sj014. build/ is git-ignored. It imports nothing
+#     beyond torch and numpy, hence --no-deps. Installed into a temporary folder and moved into place, so an
+#     interrupted install leaves no half-filled folder that looks installed; skipped when already there.
+SJ014_DIR="build/sj014"
+SJ014_VERSION="0.0.0.0.14"
+SJ014_OK="import sys, importlib.metadata as m; sys.exit(not any(d.version == '$SJ014_VERSION' for d in m.distributions(name='spikingjelly', path=['$SJ014_DIR'])))"
+if [ -d "$SJ014_DIR/spikingjelly" ] && "$PYTHON" -c "$SJ014_OK" >/dev/null 2>&1; then
+    echo "setup: spikingjelly $SJ014_VERSION already in $SJ014_DIR"
+else
+    rm -rf "$SJ014_DIR.tmp"
+    mkdir -p "$(dirname "$SJ014_DIR")"
+    if pip_install --no-deps --target "$SJ014_DIR.tmp" "spikingjelly==$SJ014_VERSION"; then
+        rm -rf "$SJ014_DIR"
+        mv "$SJ014_DIR.tmp" "$SJ014_DIR"
+        echo "setup: spikingjelly $SJ014_VERSION installed in $SJ014_DIR"
+    else
+        rm -rf "$SJ014_DIR.tmp"
+        echo "setup: WARNING: could not install spikingjelly $SJ014_VERSION into $SJ014_DIR;" \
+             "tests/test_sj_versions.py will skip its 0.0.0.0.14 test" >&2
+    fi
 fi
 
 "$PYTHON" -c "import snncc, torch; print(f'setup: ok (snncc {snncc.__version__}, torch {torch.__version__})')"
