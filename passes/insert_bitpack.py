@@ -45,8 +45,8 @@ def spike_valued(tg: TaskGraph, traced: Traced) -> Dict[str, bool]:
         src = _source(t.args[0]) if t.args else ""
         if t.kind == "neuron":
             b = traced.bindings.get(t.target)
-            out[name] = b is not None and (not b.spec.surrogate.opaque or
-                                           plain_step_surrogate(b.spec.surrogate.fn))
+            out[name] = b is not None and (b.binary if b.spec is None else
+                                           (not b.spec.surrogate.opaque or plain_step_surrogate(b.spec.surrogate.fn)))
         elif t.kind == "module":
             m = traced.root.get_submodule(t.target)
             out[name] = isinstance(m, _KEEP_BINARY_MODULES) and out.get(src, False) and not t.fused

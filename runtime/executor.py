@@ -22,7 +22,30 @@ from .batchnorm import batch_norm_steps
 from .cpu import c_bn_scan, supports as cpu_supports
 from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
-from .reference import neuron_scan
+from .reference import lifted_scan, neuron_scan
+from .cpu_ir import c_supports_ir, ir_c_scan
+from snncc.lift import _set_state
+
+
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        import warnings
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _cuda_lifted(lifted: Any, x: torch.Tensor, K: int, broadcast: bool, state: Any, params: Any) -> Any:
+    """The generated CUDA scan when CuPy and the CUDA generator can run it; None otherwise."""
+    try:
+        from .cuda.ir_scan import cuda_ir_scan, cuda_supports_ir
+    except ImportError:
+        return None
+    if cuda_supports_ir(lifted.first, lifted.steady, x) is not None:
+        return None
+    return cuda_ir_scan(lifted.first, lifted.steady, x, K, broadcast, state, params)
 
 __all__ = ["Executor", "TaskObserver"]
 
@@ -253,6 +276,8 @@ class Executor:
 
     def _neuron(self, task: Task, run: _Run) -> Any:
         binding = self.traced.bindings[task.target]
+        if binding.spec is None:
+            return self._lifted_neuron(task, run, binding)
         m = self.modules[task.target]
         K = len(task.nodes)
         arg = task.args[0]
@@ -290,6 +315,77 @@ class Executor:
         elif binding.state_attr is None and hasattr(m, "state") and self.last_chunk[task.target] == task.name:
             m.state = state
         return spikes.view(K * spikes.shape[1], *spikes.shape[2:]) if spikes.dim() > 1 else spikes
+
+    def _neuron_input(self, task: Task, run: _Run) -> Tuple[torch.Tensor, bool, int]:
+        """A neuron task's input as ``[K, *S]`` (or ``[*S]`` when broadcast), whether broadcast, K."""
+        K = len(task.nodes)
+        arg = task.args[0]
+        broadcast = not isinstance(arg, Steps)
+        x = self._value(run, arg)
+        if not isinstance(x, torch.Tensor):
+            raise TaskFailure(f"neuron '{task.target}' got a non-tensor input")
+        if broadcast:
+            return x, True, K
+        return x.view(K, *self._view(run, arg.refs[0]).shape), False, K
+
+    def _lifted_neuron(self, task: Task, run: _Run, binding: Any) -> Any:
+        """A neuron compiled from its lifted step: the generated scan of this device (C on CPU, CUDA on a
+        GPU), else the torch reference; the module's own code, step by step, if its step does not hold in
+        this dtype. Fusions run around the scan: training BatchNorm before it, the max pool after it."""
+        m = self.modules[task.target]
+        xs, broadcast, K = self._neuron_input(task, run)
+        bn_f = task.fusion("bn_train")
+        if bn_f is not None:
+            xs = batch_norm_steps(xs, self.modules[bn_f.module])
+        state0 = run.states.get(task.target)
+        in_dtype = xs.dtype
+        if xs.dtype in (torch.float16, torch.bfloat16):
+            # NOTE: AMP: the state stays in float32 (as for the built-in neurons); outputs go back to the input dtype
+            xs = xs.float()
+        try:
+            lifted = binding.lifted.get(m, xs.dtype)
+        except Exception as exc:
+            return self._eager_steps(task, run, m, xs, broadcast, K, str(exc))
+        params = lifted.params(m)
+        res = None
+        if xs.device.type == "cpu" and c_supports_ir(lifted.first, lifted.steady) is None:
+            res = ir_c_scan(lifted.first, lifted.steady, xs, K, broadcast, state0, params)
+        elif xs.is_cuda:
+            res = _cuda_lifted(lifted, xs, K, broadcast, state0, params)
+        if res is None:
+            res = lifted_scan(lifted.first, lifted.steady, xs, K, broadcast, state0, params)
+        out, state = res
+        if out.dtype != in_dtype and in_dtype in (torch.float16, torch.bfloat16):
+            out = out.to(in_dtype)
+        run.states[task.target] = state
+        if self.last_chunk[task.target] == task.name:
+            for name, v in zip(lifted.state_attrs, state):
+                _set_state(m, name, v)
+        pool = task.fusion("maxpool_epilogue")
+        if pool is not None:
+            pm = self.modules[pool.module]
+            if out.dim() == 5:
+                pooled = pm(out.flatten(0, 1))
+                out = pooled.view(K, out.shape[1], *pooled.shape[1:])
+            else:
+                out = torch.stack([pm(o) for o in out])
+        return out.reshape(K * out.shape[1], *out.shape[2:]) if out.dim() > 1 else out
+
+    def _eager_steps(self, task: Task, run: _Run, m: nn.Module, xs: torch.Tensor, broadcast: bool, K: int,
+                     why: str) -> Any:
+        """The module itself over the K steps (its lifted step does not hold for this input's dtype)."""
+        _warn_once(f"snncc: module '{task.target}' ({type(m).__name__}) runs step by step for "
+                   f"{xs.dtype} inputs: {why}")
+        if task.target not in run.states:
+            reset_module(m)
+        outs = [m(xs if broadcast else xs[t]) for t in range(K)]
+        run.states[task.target] = ()
+        out = torch.stack(outs)
+        pool = task.fusion("maxpool_epilogue")
+        if pool is not None:
+            pm = self.modules[pool.module]
+            out = torch.stack([pm(o) for o in out])
+        return out.reshape(K * out.shape[1], *out.shape[2:])
 
     def _bn_kernel(self, spec: Any, xs: torch.Tensor, step_dim: int, state0: Any) -> bool:
         """Whether the fused BatchNorm + scan kernel runs this chunk (CPU, IF/LIF, 4-d steps, exact H kept;

@@ -58,7 +58,7 @@ def blockers(compiled: Any, model: nn.Module, inputs: Sequence[Any], streams: in
         if is_random(node, traced) and (node.op != "call_module" or traced.root.get_submodule(node.target).training):
             why.append(f"'{getattr(node.target, '__name__', node.target)}' draws random numbers")
     for name, b in compiled.traced.bindings.items():
-        if b is not None and b.spec.kind == "plif":
+        if b is not None and b.spec is not None and b.spec.kind == "plif":
             why.append(f"PLIF neuron '{name}' (its decay is read on the host at launch)")
     return sorted(set(why))
 

@@ -24,7 +24,7 @@ from snncc.surrogate import derivative
 from . import cuda
 from .cpu import c_scan, c_scan2, supports
 
-__all__ = ["neuron_scan"]
+__all__ = ["neuron_scan", "lifted_scan"]
 
 
 def _surrogate_grad(spec: NeuronSpec, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -294,3 +294,20 @@ def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
         pooled = F.max_pool2d(spikes.flatten(0, 1), pool, pool)
         spikes = pooled.view(K, spikes.shape[1], *pooled.shape[1:])
     return spikes, out
+
+
+def lifted_scan(first: Any, steady: Any, x: torch.Tensor, K: int, broadcast: bool,
+                state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor]
+                ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """A lifted neuron (:mod:`snncc.lift`) over K steps with torch: the IR interpreted step by step, the
+    same torch calls eager makes, recorded by autograd as eager's are (the oracle of the generated kernels).
+    ``state`` None: step 0 is the module's own first step from its reset state (``first``)."""
+    from snncc.neuron_ir import interpret
+    pmap = dict(zip(steady.params, params))
+    outs = []
+    st: Tuple[torch.Tensor, ...] = tuple(state) if state is not None else ()
+    for t in range(K):
+        ir = first if (t == 0 and state is None) else steady
+        (o,), st = interpret(ir, x if broadcast else x[t], st, pmap)
+        outs.append(o)
+    return torch.stack(outs), st

@@ -12,7 +12,8 @@ from torch import nn
 
 from .config import Options
 from .errors import InputError
-from .frontend import bind_neuron, is_stateful, reset_module, trace_unrolled
+from .frontend import is_stateful, reset_module, trace_unrolled
+from .recognize import config_key
 from .pipeline import Compiled, compile_graph
 from snncc import passes
 from snncc.runtime import Executor
@@ -45,8 +46,7 @@ def _signature(args: Tuple[Any, ...], model: nn.Module) -> Tuple[Any, ...]:
     for name, m in model.named_modules():
         config.append(m.training)
         if name and is_stateful(m):
-            b = bind_neuron(m)
-            config.append((name, None if b is None else b.spec))
+            config.append((name, config_key(m)))
     plain = tuple(sorted((k, v) for k, v in vars(model).items()
                          if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))))
     return sig + (tuple(config), plain)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import linecache
 import sys
 import traceback
-from dataclasses import dataclass
+import warnings
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
@@ -26,66 +28,21 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import TraceFailure
-from .neurons import BaseNeuron, NeuronSpec, spec_from_surrogate
-from .surrogate import SurrogateSpec
+from .neurons import BaseNeuron
+from .recognize import NeuronBinding, bind
 
-__all__ = ["NeuronBinding", "bind_neuron", "is_stateful", "reset_module", "trace_unrolled", "Traced"]
-
-
-@dataclass(frozen=True)
-class NeuronBinding:
-    """How a recognized neuron module maps onto a spec: its spec, learnable tensors, and state attribute."""
-
-    spec: NeuronSpec
-    param_names: Tuple[str, ...]     # attributes of the module passed to neurons.step as params
-    state_attr: Optional[str]        # where the module keeps V (written back after a forward), if any
-
-
-def _class_path(m: nn.Module) -> str:
-    return f"{type(m).__module__}.{type(m).__qualname__}"
+__all__ = ["NeuronBinding", "bind_neuron", "is_stateful", "reset_module", "trace_unrolled", "Traced",
+           "OpaqueModuleWarning"]
 
 
 def _mro_names(m: nn.Module) -> List[str]:
     return [f"{c.__module__}.{c.__qualname__}" for c in type(m).__mro__]
 
 
-_SJ = "spikingjelly.activation_based."
-_SJ_SURROGATES = {f"{_SJ}surrogate.Sigmoid": "sigmoid", f"{_SJ}surrogate.ATan": "atan",
-                  f"{_SJ}surrogate.Erf": "erf"}
-
-
-def _sj_surrogate(fn: Any) -> SurrogateSpec:
-    """SpikingJelly's Sigmoid/ATan/Erf in spiking mode map to ours (same formulas); others stay opaque."""
-    name = _SJ_SURROGATES.get(_class_path(fn)) if isinstance(fn, nn.Module) else None
-    if name is not None and getattr(fn, "spiking", False):
-        return SurrogateSpec(name, float(fn.alpha))
-    return spec_from_surrogate(fn)
-
-
 def bind_neuron(m: nn.Module) -> Optional[NeuronBinding]:
-    """A spec for ``m`` if snncc knows its dynamics exactly, else None (it will run opaquely)."""
-    if isinstance(m, BaseNeuron):
-        spec = m.spec
-        return NeuronBinding(spec, spec.learnable, None)
-    path = _class_path(m)
-    if not path.startswith(_SJ + "neuron.") or getattr(m, "step_mode", "s") != "s":
-        return None
-    if getattr(m, "store_v_seq", False) or not isinstance(getattr(m, "v_threshold", None), float):
-        return None
-    kind = path[len(_SJ + "neuron."):]
-    surrogate = _sj_surrogate(m.surrogate_function)
-    if not m.training and kind in ("IFNode", "LIFNode"):
-        # NOTE: in eval, SpikingJelly's IF/LIF fire with a hard `v >= v_threshold` and ignore the surrogate.
-        surrogate = SurrogateSpec("sigmoid", 4.0)
-    common = dict(surrogate=surrogate, v_threshold=m.v_threshold, v_reset=m.v_reset,
-                  detach_reset=m.detach_reset)
-    if kind == "IFNode":
-        return NeuronBinding(NeuronSpec("if", **common), (), "v")
-    if kind == "LIFNode":
-        return NeuronBinding(NeuronSpec("lif", tau=float(m.tau), decay_input=m.decay_input, **common), (), "v")
-    if kind == "ParametricLIFNode":
-        return NeuronBinding(NeuronSpec("plif", decay_input=m.decay_input, learnable=("w",), **common), ("w",), "v")
-    return None
+    """How snncc compiles the stateful module ``m`` (a built-in spec or its lifted step), or None if it
+    runs opaque (``snncc.recognize.bind(m).reason`` says why)."""
+    return bind(m).binding
 
 
 _STATEFUL_BASES = ("spikingjelly.activation_based.base.MemoryModule",
@@ -117,6 +74,8 @@ class Traced:
     bindings: Dict[str, NeuronBinding]   # qualname -> spec, for recognized neurons
     opaque: frozenset                    # qualnames of leaf modules run as black boxes (user's leaf_modules)
     form: str                            # "static" | "sequence" | "loop"
+    #: qualname -> why a stateful module runs opaque, step by step (snncc.explain, the warning)
+    reasons: Dict[str, str] = field(default_factory=dict)
 
 
 class _Unrolled(nn.Module):
@@ -258,6 +217,7 @@ def trace_unrolled(model: nn.Module, form: str, T: Optional[int],
         raise _trace_error(model, exc, getattr(exc, "_snncc_module_stack", [])) from exc
     stateful: Dict[str, nn.Module] = {}
     bindings: Dict[str, NeuronBinding] = {}
+    reasons: Dict[str, str] = {}
     for node in graph.nodes:
         if node.op != "call_module" or node.target in stateful:
             continue
@@ -266,7 +226,40 @@ def trace_unrolled(model: nn.Module, form: str, T: Optional[int],
             continue
         if is_stateful(m) or node.target in tracer.opaque:
             stateful[node.target] = m
-            b = bind_neuron(m)
-            if b is not None and node.target not in tracer.opaque:
-                bindings[node.target] = b
-    return Traced(root, graph, stateful, bindings, frozenset(tracer.opaque), form)
+            if node.target in tracer.opaque:
+                reasons[node.target] = "declared a leaf (leaf_modules=)"
+                continue
+            r = bind(m)
+            if r.binding is None:
+                reasons[node.target] = r.reason
+                _warn_opaque(node.target, m, r.reason)
+            elif not _single_tensor_call(graph, node.target):
+                reasons[node.target] = "called with more than one input (e.g. an explicit state argument)"
+                _warn_opaque(node.target, m, reasons[node.target])
+            else:
+                bindings[node.target] = r.binding
+    return Traced(root, graph, stateful, bindings, frozenset(tracer.opaque), form, reasons)
+
+
+def _single_tensor_call(graph: fx.Graph, target: str) -> bool:
+    return all(len(n.args) == 1 and not n.kwargs for n in graph.nodes
+               if n.op == "call_module" and n.target == target)
+
+
+class OpaqueModuleWarning(UserWarning):
+    """A stateful module runs opaque, step by step: the compiled model is slower there than it could be."""
+
+
+_WARNED: Dict[Tuple[int, str], Any] = {}
+
+
+def _warn_opaque(qualname: str, m: nn.Module, reason: str) -> None:
+    """One warning per module and reason: which module, its class, why, and the way out."""
+    key = (id(m), reason)
+    hit = _WARNED.get(key)
+    if hit is not None and hit() is m:
+        return
+    _WARNED[key] = weakref.ref(m)
+    warnings.warn(f"snncc: module '{qualname}' ({type(m).__module__}.{type(m).__qualname__}) is not compiled: "
+                  f"{reason}. It runs opaque, step by step, at eager speed; snncc.explain(model, x) lists every "
+                  "layer.", OpaqueModuleWarning, stacklevel=4)

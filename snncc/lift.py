@@ -752,23 +752,57 @@ def lift_neuron(m: nn.Module, dtype: torch.dtype = torch.float32, check: bool = 
 
 
 def _lift(m: nn.Module, dtype: torch.dtype, check: bool, snap: Dict[Tuple[str, str], Any]) -> Lifted:
-    dev = next((t.device for t in module_tensors(m).values()), torch.device("cpu"))
-    shape = _probe_shape({k: v for k, v in module_tensors(m).items()})
+    """Record in ``dtype`` itself; if that cannot be seen or does not hold, record in float64 and retarget.
+
+    NOTE: the float64 route exists because some libraries run a registered custom op in float32
+    (SpikingJelly 2.x) but their plain torch formulas in float64, which snncc can see; the checks then prove
+    the retargeted step equals the module in ``dtype`` too."""
+    try:
+        lifted = _record_steps(m, dtype)
+        if check:
+            restore_attrs(m, snap)
+            verify_lifted(m, lifted, _probe_shape(module_tensors(m)), dtype, lifted_device(m))
+        return lifted
+    except LiftFailure as exc:
+        if dtype == torch.float64:
+            raise
+        first_error = exc
+    restore_attrs(m, snap)
+    try:
+        lifted = _record_steps(m, torch.float64)
+    except LiftFailure:
+        raise first_error
+    shape, dev = _probe_shape(module_tensors(m)), lifted_device(m)
+    # NOTE: each check starts from the module as the user left it (snnTorch's reset keeps the old state's
+    # dtype, so a float64 check would leak into the next one)
+    if check:
+        restore_attrs(m, snap)
+        verify_lifted(m, lifted, shape, torch.float64, dev)
+    lifted = retarget(lifted, dtype)
+    if check:
+        restore_attrs(m, snap)
+        verify_lifted(m, lifted, shape, dtype, dev)
+    return lifted
+
+
+def lifted_device(m: nn.Module) -> torch.device:
+    return next((t.device for t in module_tensors(m).values()), torch.device("cpu"))
+
+
+def _record_steps(m: nn.Module, dtype: torch.dtype) -> Lifted:
+    """Record the first step (from the reset state) and a later step (states as inputs) in ``dtype``."""
+    dev = lifted_device(m)
+    shape = _probe_shape(module_tensors(m))
     gen = torch.Generator().manual_seed(1234)
-    # NOTE: recorded in float64 and retargeted to ``dtype``: libraries that run a registered custom op in
-    # float32 (SpikingJelly 2.x) fall back to their plain torch formulas in float64, which snncc can see;
-    # the check below then proves the retargeted step equals the module in ``dtype`` too.
-    x0 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dev)
+    x0 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(dev)
     names = state_attrs(m, x0)
     tensors = module_tensors(m, skip=names)
-    # step from the reset state
     _reset(m)
     grad = m.training
     with torch.set_grad_enabled(grad):
         xf = x0.clone().requires_grad_(grad)
         rec, out = _record(m, xf, {}, names, tensors)
         first, fparams = _build(rec, out, names, m, (), tensors)
-        # every later step: the states are inputs
         st = {}
         for k in names:
             v = _get_state(m, k)
@@ -776,7 +810,7 @@ def _lift(m: nn.Module, dtype: torch.dtype, check: bool, snap: Dict[Tuple[str, s
             if grad and v.dtype.is_floating_point:
                 st[k].requires_grad_(True)
             _set_state(m, k, st[k])
-        xs = torch.randn(shape, generator=gen, dtype=torch.float64).to(dev).requires_grad_(grad)
+        xs = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(dev).requires_grad_(grad)
         rec2, out2 = _record(m, xs, st, names, tensors)
         steady, sparams = _build(rec2, out2, names, m, tuple(f"state_{k}" for k in names), tensors)
     for k, s_in, s_out in zip(names, steady.states, steady.new_states):
@@ -784,18 +818,7 @@ def _lift(m: nn.Module, dtype: torch.dtype, check: bool, snap: Dict[Tuple[str, s
             raise LiftFailure(f"its state '{k}' changes dtype across a step")
     pattrs = tuple(dict.fromkeys(fparams + sparams))
     pnames = tuple(f"p_{p.replace('.', '_')}" for p in pattrs)
-    lifted = Lifted(names, pattrs, _with_params(first, pnames), _with_params(steady, pnames), torch.float64)
-    # NOTE: each check starts from the module as the user left it (snnTorch's reset keeps the old state's
-    # dtype, so a float64 check would leak into the next one)
-    if check:
-        restore_attrs(m, snap)
-        verify_lifted(m, lifted, shape, torch.float64, dev)
-    if dtype != torch.float64:
-        lifted = retarget(lifted, dtype)
-        if check:
-            restore_attrs(m, snap)
-            verify_lifted(m, lifted, shape, dtype, dev)
-    return lifted
+    return Lifted(names, pattrs, _with_params(first, pnames), _with_params(steady, pnames), dtype)
 
 
 def retarget(lifted: Lifted, dtype: torch.dtype) -> Lifted:

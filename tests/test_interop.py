@@ -285,11 +285,9 @@ def _shrink_vgg_classifier(model: nn.Module, kw: dict) -> nn.Module:
 @pytest.fixture(scope="module")
 def vgg11_bn_small():
     """spiking_vgg11_bn(num_classes=10, IFNode, ATan, detach_reset) with a shrunk classifier, built once."""
-    pytest.importorskip("spikingjelly")
-    from conftest import install_torchvision_stub
-    install_torchvision_stub()
+    from conftest import import_sj_zoo
+    (spiking_vgg,) = import_sj_zoo("spiking_vgg")
     from spikingjelly.activation_based import neuron, surrogate
-    from spikingjelly.activation_based.model import spiking_vgg
     torch.manual_seed(0)
     kw = dict(surrogate_function=surrogate.ATan(), detach_reset=True)
     m = spiking_vgg.spiking_vgg11_bn(num_classes=10, spiking_neuron=neuron.IFNode, **kw)
@@ -329,10 +327,9 @@ def test_sj_zoo_spiking_vgg11_bn_full_eval(sj_model_zoo):
 
 
 def _sew18(**extra):
+    from conftest import import_sj_zoo
+    (sew_resnet,) = import_sj_zoo("sew_resnet")
     from spikingjelly.activation_based import neuron, surrogate
-    from conftest import install_torchvision_stub
-    install_torchvision_stub()
-    from spikingjelly.activation_based.model import sew_resnet
     return sew_resnet.sew_resnet18(num_classes=10, spiking_neuron=neuron.IFNode, cnf="ADD",
                                    surrogate_function=surrogate.ATan(), detach_reset=True, **extra)
 

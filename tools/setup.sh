@@ -40,10 +40,19 @@ pip_install -e ".[test]"
 #    spikingjelly.activation_based.{neuron,layer,surrogate,functional} on the CPU (checked in a bare venv
 #    holding only torch); numpy comes with snncc, so loguru is the one extra. The rest serve datasets,
 #    plotting and the CUDA/Triton back ends, none of which snncc or its tests touch.
-if pip_install --no-deps "spikingjelly==2.0.0" "loguru>=0.7,<1" "snntorch==1.0.0"; then
+if pip_install --no-deps "spikingjelly==2.0.0" "loguru==0.7.3" "snntorch==1.0.0"; then
     echo "setup: spikingjelly 2.0.0 and snntorch 1.0.0 installed"
 else
     echo "setup: WARNING: could not install spikingjelly/snntorch; their interop tests will be skipped" >&2
+fi
+
+# 3a. SpikingJelly 2.x's model zoo (spikingjelly.activation_based.model, used by the interop tests' VGG and
+#     SEW-ResNet) imports h5py at package import, for its checkpoint tools. h5py is a binary wheel needing only
+#     numpy, so --no-deps is safe. Optional: without it the zoo tests skip.
+if pip_install --no-deps "h5py==3.16.0"; then
+    echo "setup: h5py installed (for SpikingJelly's model zoo)"
+else
+    echo "setup: WARNING: could not install h5py; the SpikingJelly model-zoo tests will be skipped" >&2
 fi
 
 # 3b. SpikingJelly 0.0.0.0.14 (the release most published SNN code was written against; its nodes differ from

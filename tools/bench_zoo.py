@@ -1,0 +1,766 @@
+"""Benchmark: a zoo of step-mode SNNs, eager loop vs ``snncc.compile(model, T=T)``, on this machine.
+
+Models (all single-step mode, static input fed at each of T steps):
+
+* ``sj_vgg``      SpikingJelly 2.x spiking VGG-BN: the zoo's ``SpikingVGG.make_layers`` (conv-BN-LIFNode, maxpool)
+                  with a small cfg and a linear head (the zoo's own 4096-wide classifier does not fit a 2-core
+                  CPU); a hand-written equivalent when the zoo does not import.
+* ``sj_sew``      SpikingJelly SEW-ResNet: a stem and three of the zoo's ``sew_resnet.BasicBlock`` (cnf="ADD").
+* ``snn_leaky``   snnTorch conv net (tutorial 6 layout) with ``snn.Leaky(beta=0.9, init_hidden=True)``, Linear out.
+* ``snn_synaptic`` the same with ``snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True)``.
+* ``sj_mlp_zoo``  an MLP of SpikingJelly's CUBALIFNode, EIFNode, QIFNode and IzhikevichNode.
+* ``custom``      a user-written neuron (state ``self.v``, learnable per-channel sigmoid decay, its own
+                  ``autograd.Function`` surrogate) in a small conv net.
+* ``spikformer``  a spiking self-attention block on tokens [N, L, D]: q/k/v = Linear + BatchNorm1d + LIFNode,
+                  spike matmuls, LIF, projection, residual, classifier head.
+
+For each model: the neuron layers are calibrated to fire about 10% on the benchmark batch (their feeding
+Conv/Linear/BatchNorm scaled, see ``tools/_rates.py``) and the rates are printed beside the times; then eager,
+snncc (and with ``--torch-compile`` ``torch.compile`` of the eager loop) are timed interleaved, ``--repeat``
+rounds of ``--reps`` calls each, for a training step (forward, cross-entropy on the mean over time, backward,
+Adam) and inference (eval, no_grad); medians are reported with their ratio. On one batch, before any
+training, the compiled outputs (train and eval) and gradients are compared with eager's (float32
+tolerances), and the neuron layers snncc compiled are counted against those it ran opaque (step by step,
+as the eager code). A model or variant that fails is reported, never fatal.
+
+    python tools/bench_zoo.py --markdown --json zoo.json
+    python tools/bench_zoo.py --models sj_vgg,custom --repeat 7
+    python tools/bench_zoo.py --quick          # smoke test: tiny sizes, one repeat, < 60 s
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+if __package__ in (None, ""):      # run as a script: python tools/bench_zoo.py
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from tools import _rates  # noqa: E402
+else:
+    from . import _rates
+
+import snncc  # noqa: E402
+
+__all__ = ["ZooModel", "BUILDERS", "build", "bench_model", "run", "main", "RECORD_FIELDS"]
+
+#: every record (one per model) has these keys, failed or not
+RECORD_FIELDS = ("model", "description", "batch", "T", "input_shape", "neurons", "n_neurons", "n_compiled",
+                 "n_opaque", "opaque", "coverage_source", "rates", "rates_eval", "rates_end", "gains", "feeders",
+                 "times_ms", "speedup", "equal", "compile_s", "warnings", "errors")
+
+#: float32 tolerances of the project's golden tests (tests/conftest.py ``tolerances``)
+TOL = {"out": dict(rtol=1e-4, atol=1e-5), "grad": dict(rtol=1e-3, atol=1e-5)}
+
+
+# =========================================================================== resets
+def reset_sj(model: nn.Module) -> None:
+    from spikingjelly.activation_based import functional
+    functional.reset_net(model)
+
+
+def reset_snntorch(model: nn.Module) -> None:
+    import snntorch.utils
+    snntorch.utils.reset(model)
+
+
+def reset_generic(model: nn.Module) -> None:
+    for m in model.modules():
+        if m is not model and _rates.is_neuron(m):
+            m.reset()
+
+
+# =========================================================================== the zoo
+@dataclass
+class ZooModel:
+    """A step-mode model, the input it runs on and how its eager loop resets it."""
+
+    name: str
+    description: str
+    model: nn.Module
+    input_shape: Tuple[int, ...]
+    reset: Callable[[nn.Module], None]
+    num_classes: int = 10
+    #: qualname -> gain, for neuron layers whose input no weight module scales (attention); given a model copy
+    gains: Callable[[nn.Module], Dict[str, _rates.Gain]] = field(default=lambda m: {})
+
+
+def _install_torchvision_stub() -> None:
+    """SpikingJelly's zoo imports ``load_state_dict_from_url`` from torchvision (only for pretrained weights);
+    without torchvision, register just that submodule with a function that raises (as tests/conftest.py)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    name = "torchvision._internally_replaced_utils"
+    if name not in sys.modules:
+        stub = types.ModuleType(name)
+
+        def load_state_dict_from_url(*a: Any, **k: Any) -> Any:
+            raise RuntimeError("torchvision is not installed: bench_zoo never loads pretrained weights")
+        stub.load_state_dict_from_url = load_state_dict_from_url
+        sys.modules[name] = stub
+
+
+def _sj_lif_kw() -> Dict[str, Any]:
+    from spikingjelly.activation_based import surrogate
+    return dict(tau=2.0, surrogate_function=surrogate.ATan(), detach_reset=True)
+
+
+def build_sj_vgg(quick: bool = False) -> ZooModel:
+    from spikingjelly.activation_based import layer, neuron
+    cfg: List[Any] = [8, "M", 16, "M"] if quick else [16, 16, "M", 32, 32, "M", 64, "M"]
+    size = 16 if quick else 32
+    try:
+        _install_torchvision_stub()
+        from spikingjelly.activation_based.model.spiking_vgg import SpikingVGG
+        features = SpikingVGG.make_layers(cfg=cfg, batch_norm=True, neuron=neuron.LIFNode, **_sj_lif_kw())
+        how = "SJ zoo SpikingVGG.make_layers"
+    except Exception:   # noqa: BLE001 -- the zoo did not import: the same layers by hand
+        layers: List[nn.Module] = []
+        c_in = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(layer.MaxPool2d(2, 2))
+            else:
+                layers += [layer.Conv2d(c_in, v, 3, padding=1), layer.BatchNorm2d(v), neuron.LIFNode(**_sj_lif_kw())]
+                c_in = v
+        features = nn.Sequential(*layers)
+        how = "hand-written SpikingVGG-BN"
+    c_last = [v for v in cfg if v != "M"][-1]
+    pools = cfg.count("M")
+    model = nn.Sequential(features, layer.Flatten(), layer.Linear(c_last * (size >> pools) ** 2, 10))
+    return ZooModel("sj_vgg", f"{how} cfg={cfg}, LIFNode(ATan, detach_reset), {size}x{size}", model,
+                    (3, size, size), reset_sj)
+
+
+def build_sj_sew(quick: bool = False) -> ZooModel:
+    from spikingjelly.activation_based import layer, neuron
+    _install_torchvision_stub()
+    from spikingjelly.activation_based.model import sew_resnet
+    c1, c2 = (8, 16) if quick else (16, 32)
+    size = 16 if quick else 32
+    kw = _sj_lif_kw()
+    blk = dict(cnf="ADD", spiking_neuron=neuron.LIFNode, **kw)
+    model = nn.Sequential(
+        layer.Conv2d(3, c1, 3, padding=1, bias=False), layer.BatchNorm2d(c1), neuron.LIFNode(**kw),
+        sew_resnet.BasicBlock(c1, c1, **blk),
+        sew_resnet.BasicBlock(c1, c2, stride=2, downsample=nn.Sequential(sew_resnet.conv1x1(c1, c2, 2),
+                                                                          layer.BatchNorm2d(c2)), **blk),
+        sew_resnet.BasicBlock(c2, c2, **blk),
+        layer.AdaptiveAvgPool2d((1, 1)), layer.Flatten(), layer.Linear(c2, 10))
+    return ZooModel("sj_sew", f"SEW-ResNet stem + 3 SJ zoo BasicBlocks (ADD), {c1}/{c2} ch, {size}x{size}", model,
+                    (3, size, size), reset_sj)
+
+
+class SnnTorchNet(nn.Module):
+    """snnTorch tutorial 6's conv net in step mode (``init_hidden=True``), a Linear readout."""
+
+    def __init__(self, neuron: Callable[[], nn.Module], c1: int, c2: int, size: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, c1, 5)
+        self.pool1 = nn.MaxPool2d(2)
+        self.lif1 = neuron()
+        self.conv2 = nn.Conv2d(c1, c2, 5)
+        self.pool2 = nn.MaxPool2d(2)
+        self.lif2 = neuron()
+        s = ((size - 4) // 2 - 4) // 2
+        self.fc = nn.Linear(c2 * s * s, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lif1(self.pool1(self.conv1(x)))
+        x = self.lif2(self.pool2(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+def build_snn_leaky(quick: bool = False) -> ZooModel:
+    import snntorch as snn
+    c1, c2, size = (4, 8, 20) if quick else (12, 32, 28)
+    model = SnnTorchNet(lambda: snn.Leaky(beta=0.9, init_hidden=True), c1, c2, size)
+    return ZooModel("snn_leaky", f"snnTorch conv net, Leaky(beta=0.9, init_hidden), {c1}/{c2} ch, {size}x{size}",
+                    model, (1, size, size), reset_snntorch)
+
+
+def build_snn_synaptic(quick: bool = False) -> ZooModel:
+    import snntorch as snn
+    c1, c2, size = (4, 8, 20) if quick else (12, 32, 28)
+    model = SnnTorchNet(lambda: snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True), c1, c2, size)
+    return ZooModel("snn_synaptic", f"snnTorch conv net, Synaptic(alpha=0.8, beta=0.9, init_hidden), {c1}/{c2} ch, "
+                    f"{size}x{size}", model, (1, size, size), reset_snntorch)
+
+
+def build_sj_mlp_zoo(quick: bool = False) -> ZooModel:
+    from spikingjelly.activation_based import layer, neuron
+    h, size = (64, 14) if quick else (512, 28)
+    model = nn.Sequential(
+        layer.Flatten(),
+        layer.Linear(size * size, h), neuron.CUBALIFNode(),
+        layer.Linear(h, h), neuron.EIFNode(),
+        layer.Linear(h, h), neuron.QIFNode(),
+        layer.Linear(h, h), neuron.IzhikevichNode(),
+        layer.Linear(h, 10))
+    return ZooModel("sj_mlp_zoo", f"MLP {size * size}-{h}x4-10: CUBALIF, EIF, QIF, Izhikevich (SJ defaults)", model,
+                    (1, size, size), reset_sj)
+
+
+class FastSigmoidSpike(torch.autograd.Function):
+    """Heaviside forward, fast-sigmoid surrogate backward (SuperSpike, slope 10)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return g / (1 + 10 * x.abs()) ** 2
+
+
+class LearnableDecayNeuron(nn.Module):
+    """A user-written LIF: ``v = sigmoid(w) * v + x``, spike at ``v >= 1``, hard reset; per-channel ``w``."""
+
+    def __init__(self, channels: int, v_threshold: float = 1.0) -> None:
+        super().__init__()
+        self.decay = nn.Parameter(torch.full((channels, 1, 1), 1.0))    # sigmoid(1) ~ 0.73
+        self.v_threshold = v_threshold
+        self.v: Optional[torch.Tensor] = None
+
+    def reset(self) -> None:
+        self.v = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.v is None:
+            self.v = torch.zeros_like(x)
+        self.v = torch.sigmoid(self.decay) * self.v + x
+        s = FastSigmoidSpike.apply(self.v - self.v_threshold)
+        self.v = self.v * (1.0 - s)
+        return s
+
+
+class CustomNeuronNet(nn.Module):
+    def __init__(self, c1: int, c2: int, size: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
+        self.sn1 = LearnableDecayNeuron(c1)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.sn2 = LearnableDecayNeuron(c2)
+        self.pool2 = nn.MaxPool2d(2)
+        self.fc = nn.Linear(c2 * (size // 4) ** 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.sn1(self.conv1(x)))
+        x = self.pool2(self.sn2(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+def build_custom(quick: bool = False) -> ZooModel:
+    c1, c2, size = (4, 8, 16) if quick else (16, 32, 32)
+    return ZooModel("custom", f"user neuron (self.v, sigmoid decay [C,1,1], own autograd surrogate) conv net, "
+                    f"{c1}/{c2} ch, {size}x{size}", CustomNeuronNet(c1, c2, size), (3, size, size), reset_generic)
+
+
+class SpikingSelfAttention(nn.Module):
+    """Spikformer-style SSA on tokens [N, L, D]: q, k, v = LIF(BN(Linear(x))); attn = q k^T * scale; LIF(attn v);
+    projection; residual."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        from spikingjelly.activation_based import neuron
+        super().__init__()
+        self.heads = heads
+        self.scale = 0.125
+        kw = _sj_lif_kw()
+        for n in "qkv":
+            setattr(self, f"{n}_linear", nn.Linear(dim, dim))
+            setattr(self, f"{n}_bn", nn.BatchNorm1d(dim))
+            setattr(self, f"{n}_lif", neuron.LIFNode(**kw))
+        self.attn_lif = neuron.LIFNode(**kw)
+        self.proj = nn.Linear(dim, dim)
+
+    def _branch(self, n: str, x: torch.Tensor) -> torch.Tensor:
+        N, L, D = x.shape
+        y = getattr(self, f"{n}_linear")(x)
+        y = getattr(self, f"{n}_bn")(y.transpose(1, 2)).transpose(1, 2)
+        y = getattr(self, f"{n}_lif")(y)
+        return y.reshape(N, L, self.heads, D // self.heads).transpose(1, 2)      # [N, H, L, d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, L, D = x.shape
+        q, k, v = self._branch("q", x), self._branch("k", x), self._branch("v", x)
+        attn = (q @ k.transpose(-2, -1)) * self.scale                             # spikes @ spikes
+        y = self.attn_lif(attn @ v)                                               # [N, H, L, d]
+        y = y.transpose(1, 2).reshape(N, L, D)
+        return x + self.proj(y)
+
+
+class TinySpikformer(nn.Module):
+    """Patch embedding (conv, BN, LIF) -> tokens -> one SSA block -> mean over tokens -> classifier."""
+
+    def __init__(self, dim: int, heads: int, patch: int) -> None:
+        from spikingjelly.activation_based import neuron
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.embed_bn = nn.BatchNorm2d(dim)
+        self.embed_lif = neuron.LIFNode(**_sj_lif_kw())
+        self.block = SpikingSelfAttention(dim, heads)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed_lif(self.embed_bn(self.embed(x)))               # [N, D, h, w]
+        x = x.flatten(2).transpose(1, 2)                               # [N, L, D]
+        x = self.block(x)
+        return self.head(x.mean(1))
+
+
+def build_spikformer(quick: bool = False) -> ZooModel:
+    dim, heads, size, patch = (16, 2, 16, 4) if quick else (64, 4, 32, 2)
+    model = TinySpikformer(dim, heads, patch)
+    L = (size // patch) ** 2
+    return ZooModel("spikformer", f"SSA block, D={dim}, {heads} heads, L={L} tokens ({size}x{size}, patch {patch})",
+                    model, (3, size, size), reset_sj,
+                    gains=lambda m: {"block.attn_lif": _rates.AttrGain("block", m.block, "scale")})
+
+
+BUILDERS: Dict[str, Callable[[bool], ZooModel]] = {
+    "sj_vgg": build_sj_vgg, "sj_sew": build_sj_sew, "snn_leaky": build_snn_leaky,
+    "snn_synaptic": build_snn_synaptic, "sj_mlp_zoo": build_sj_mlp_zoo, "custom": build_custom,
+    "spikformer": build_spikformer,
+}
+
+
+def build(name: str, quick: bool = False) -> ZooModel:
+    if name not in BUILDERS:
+        raise KeyError(f"unknown model {name!r}; have {', '.join(BUILDERS)}")
+    return BUILDERS[name](quick)
+
+
+# =========================================================================== running
+class EagerLoop(nn.Module):
+    """The eager Python loop over time that snncc replaces: reset, then T calls on the static input."""
+
+    def __init__(self, net: nn.Module, T: int, reset: Callable[[nn.Module], None]) -> None:
+        super().__init__()
+        self.net, self.T = net, T
+        self._reset = reset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._reset(self.net)
+        return torch.stack([self.net(x) for _ in range(self.T)])
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x).mean(0), y)
+    loss.backward()
+    opt.step()
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _err(e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}".strip().replace("\n", " ")
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+
+
+def _copy(zm: ZooModel, net: nn.Module) -> nn.Module:
+    zm.reset(net)
+    return copy.deepcopy(net)
+
+
+# --------------------------------------------------------------------------- coverage
+def _names_in(obj: Any) -> Optional[List[str]]:
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [str(getattr(o, "name", o)) for o in obj]
+    if isinstance(obj, dict):
+        return [str(k) for k in obj]
+    return None
+
+
+def _parse_explain(rep: Any, neurons: Sequence[str]) -> Optional[Tuple[List[str], List[str]]]:
+    """(compiled, opaque) neuron qualnames from whatever ``snncc.explain`` returns (its format is new):
+    attributes/keys ``compiled``/``opaque``, rows with a name and a status, or else its text, line by line."""
+    get = (lambda k: rep.get(k)) if isinstance(rep, dict) else (lambda k: getattr(rep, k, None))
+    comp, opq = _names_in(get("compiled")), _names_in(get("opaque"))
+    if opq is not None:
+        if comp is None:
+            comp = [n for n in neurons if n not in opq]
+        return [n for n in comp if n in neurons] or comp, opq
+    rows = get("neurons") or get("layers") or get("rows") or (rep if isinstance(rep, (list, tuple)) else None)
+    if isinstance(rows, (list, tuple)) and rows:
+        comp, opq = [], []
+        for r in rows:
+            rg = (lambda k: r.get(k)) if isinstance(r, dict) else (lambda k: getattr(r, k, None))
+            name = rg("name") or rg("qualname") or rg("module")
+            status = " ".join(str(rg(k)) for k in ("status", "kind", "how", "compiled", "opaque", "reason"))
+            if name is None:
+                continue
+            is_opq = "opaque" in status.lower() or rg("opaque") is True or rg("compiled") is False
+            (opq if is_opq else comp).append(str(name))
+        if comp or opq:
+            return comp, opq
+    text = str(rep)
+    comp, opq = [], []
+    for n in neurons:
+        lines = [ln for ln in text.splitlines() if n in ln.split() or f"'{n}'" in ln or f"{n}:" in ln]
+        if not lines:
+            return None
+        (opq if any("opaque" in ln.lower() or "not compiled" in ln.lower() for ln in lines) else comp).append(n)
+    return comp, opq
+
+
+def neuron_coverage(cmodel: snncc.CompiledModule, model: nn.Module, x: torch.Tensor, T: int,
+                    neurons: Sequence[str]) -> Tuple[List[str], List[str], str, Any]:
+    """(compiled, opaque, source, explain's text or None). From ``snncc.explain`` when it exists and can be read;
+    else from the task graph snncc runs (a neuron layer is a ``neuron`` scan task or an ``opaque`` step task)."""
+    explain_text = None
+    explain = getattr(snncc, "explain", None)
+    if callable(explain):
+        try:
+            try:
+                rep = explain(model, x, T=T)
+            except TypeError:
+                rep = explain(model, x)
+            explain_text = str(rep)
+            parsed = _parse_explain(rep, neurons)
+            if parsed is not None:
+                return parsed[0], parsed[1], "snncc.explain", explain_text
+        except Exception as e:   # noqa: BLE001 -- explain is new; fall back to the task graph
+            explain_text = f"explain failed: {_err(e)}"
+    c = cmodel.specialize(x)
+    kinds: Dict[str, set] = {}
+    for t in c.task_graph.tasks():
+        if t.kind in ("neuron", "opaque"):
+            kinds.setdefault(str(t.target), set()).add(t.kind)
+    comp = [n for n in neurons if kinds.get(n) == {"neuron"}]
+    opq = [n for n in neurons if "opaque" in kinds.get(n, set())]
+    missing = [n for n in neurons if n not in kinds]
+    src = "task graph" + (f" ({len(missing)} neuron(s) in neither kind: {missing})" if missing else "")
+    return comp, opq, src, explain_text
+
+
+# --------------------------------------------------------------------------- one model
+def _empty_record(name: str, args: argparse.Namespace) -> Dict[str, Any]:
+    rec: Dict[str, Any] = {k: None for k in RECORD_FIELDS}
+    rec.update(model=name, T=args.T, batch=args.batch, neurons=[], opaque=[], rates={}, rates_eval={},
+               rates_end={}, gains={}, feeders={}, times_ms={}, speedup={}, equal={}, warnings=[], errors={})
+    return rec
+
+
+def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Calibrate, check and time one zoo model; every failure lands in ``record['errors']``."""
+    rec = _empty_record(name, args)
+    T, B = args.T, args.batch
+    try:
+        torch.manual_seed(args.seed)
+        zm = build(name, args.quick)
+    except Exception as e:   # noqa: BLE001
+        rec["errors"]["build"] = _err(e)
+        log(f"[{name}] build failed: {rec['errors']['build']}")
+        return rec
+    rec.update(description=zm.description, input_shape=list(zm.input_shape))
+    base = zm.model.train()
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.rand(B, *zm.input_shape, generator=g)
+    y = torch.randint(0, zm.num_classes, (B,), generator=g)
+    neurons = [n for n, _ in _rates.neuron_layers(base)]
+    rec.update(neurons=neurons, n_neurons=len(neurons))
+    eager_base = EagerLoop(base, T, zm.reset)
+
+    def step() -> Any:
+        zm.reset(base)
+        return base(x)
+
+    # ---- realistic firing: calibrate (train mode), then let BatchNorm running stats settle for eval
+    try:
+        cal = _rates.calibrate(base, lambda: eager_base(x), step, target=args.rate, iters=6 if args.quick else 12,
+                               overrides=zm.gains(base))
+        with torch.no_grad():
+            for _ in range(3):
+                eager_base(x)
+        rec["rates"], rec["gains"], rec["feeders"] = cal.rates, cal.gains, cal.feeders
+        base.eval()
+        rec["rates_eval"] = _rates.record_rates(base, lambda: eager_base(x))
+        base.train()
+    except Exception as e:   # noqa: BLE001
+        rec["errors"]["calibrate"] = _err(e)
+        base.train()
+    log(f"[{name}] {zm.description}")
+    log(f"[{name}] rates train: {_fmt_rates(rec['rates'])} | eval: {_fmt_rates(rec['rates_eval'])}")
+
+    # ---- variants, from the same calibrated weights
+    variants: Dict[str, nn.Module] = {}
+    try:
+        variants["eager"] = EagerLoop(_copy(zm, base), T, zm.reset)
+    except Exception as e:   # noqa: BLE001
+        rec["errors"]["eager"] = _err(e)
+        return rec
+    caught: List[str] = []
+    try:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            snet = _copy(zm, base)
+            cm = snncc.compile(snet, T=T)
+            cm.train()
+            out_c = cm(x)
+        rec["compile_s"] = time.perf_counter() - t0
+        caught = [f"{wi.category.__name__}: {wi.message}" for wi in w]
+        variants["snncc"] = cm
+    except Exception as e:   # noqa: BLE001
+        rec["errors"]["snncc"] = _err(e)
+        log(f"[{name}] snncc failed: {rec['errors']['snncc']}")
+        if args.verbose:
+            traceback.print_exc()
+    rec["warnings"] = sorted(set(caught))
+    if args.torch_compile:
+        try:
+            variants["torch.compile"] = torch.compile(EagerLoop(_copy(zm, base), T, zm.reset))
+        except Exception as e:   # noqa: BLE001
+            rec["errors"]["torch.compile"] = _err(e)
+
+    # ---- compiled == eager on this batch, before any training (same weights, train and eval)
+    if "snncc" in variants:
+        cm, em = variants["snncc"], variants["eager"]
+        eq: Dict[str, Any] = {}
+        try:
+            out_e = em(x)
+            eq["out_diff_train"] = _max_diff(out_c, out_e)
+            eq["out_ok_train"] = bool(torch.allclose(out_c, out_e, **TOL["out"]))
+            for m, o in ((em, out_e), (cm, out_c)):
+                m.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(o.mean(0), y).backward()
+            ge = dict(em.net.named_parameters())
+            gd, gok = 0.0, True
+            for pn, pc in cm.model.named_parameters():
+                a, b = pc.grad, ge[pn].grad
+                if a is None or b is None:
+                    gok = gok and a is None and b is None
+                    continue
+                gd = max(gd, _max_diff(a, b))
+                gok = gok and bool(torch.allclose(a, b, **TOL["grad"]))
+            eq["grad_diff"], eq["grad_ok"] = gd, gok
+            cm.eval(), em.eval()
+            with torch.no_grad():
+                oc, oe = cm(x), em(x)
+            eq["out_diff_eval"] = _max_diff(oc, oe)
+            eq["out_ok_eval"] = bool(torch.allclose(oc, oe, **TOL["out"]))
+            eq["held"] = eq["out_ok_train"] and eq["grad_ok"] and eq["out_ok_eval"]
+        except Exception as e:   # noqa: BLE001
+            rec["errors"]["equal"] = _err(e)
+            eq["held"] = False
+        finally:
+            cm.train(), em.train()
+            for m in (cm, em):
+                m.zero_grad(set_to_none=True)
+        rec["equal"] = eq
+        try:
+            comp, opq, src, text = neuron_coverage(cm, cm.model, x, T, neurons)
+            rec.update(n_compiled=len(comp), n_opaque=len(opq), opaque=opq, coverage_source=src)
+            if text is not None:
+                rec["explain"] = text
+        except Exception as e:   # noqa: BLE001
+            rec["errors"]["coverage"] = _err(e)
+        if not rec["opaque"]:
+            hits = [m for m in caught if "opaque" in m.lower() or "not compiled" in m.lower()]
+            if hits and rec["n_compiled"] is None:
+                rec.update(n_opaque=len(hits), coverage_source="warnings")
+
+    # ---- timing: warm-up, then interleaved rounds; a variant that fails is dropped and reported
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in variants.items()}
+    times: Dict[str, Dict[str, List[float]]] = {k: {"train": [], "infer": []} for k in variants}
+
+    def run_mode(k: str, m: nn.Module, mode: str, n: int, keep: bool) -> None:
+        try:
+            if mode == "train":
+                m.train()
+                for _ in range(n):
+                    t = _timed(lambda: _train_step(m, opts[k], x, y))
+                    if keep:
+                        times[k]["train"].append(t)
+            else:
+                m.eval()
+                with torch.no_grad():
+                    for _ in range(n):
+                        t = _timed(lambda: m(x))
+                        if keep:
+                            times[k]["infer"].append(t)
+        except Exception as e:   # noqa: BLE001
+            rec["errors"][f"{k} {mode}"] = _err(e)
+            variants.pop(k, None)
+            log(f"[{name}] {k} {mode} failed: {rec['errors'][f'{k} {mode}']}")
+        finally:
+            m.train()
+
+    warm = 1 if args.quick else 2
+    for k, m in list(variants.items()):
+        for mode in ("train", "infer"):
+            if k in variants:
+                run_mode(k, m, mode, warm, False)
+    for _ in range(args.repeat):
+        for mode in ("train", "infer"):
+            for k, m in list(variants.items()):
+                run_mode(k, m, mode, args.reps, True)
+    med = {k: {mode: (statistics.median(v) if v else None) for mode, v in d.items()} for k, d in times.items()}
+    rec["times_ms"] = med
+    for k in med:
+        if k == "eager":
+            continue
+        rec["speedup"][k] = {mode: (med["eager"][mode] / med[k][mode]
+                                    if med["eager"].get(mode) and med[k].get(mode) else None)
+                             for mode in ("train", "infer")}
+    try:
+        em = variants.get("eager")
+        if em is not None:
+            rec["rates_end"] = _rates.record_rates(em.net, lambda: em(x))
+    except Exception as e:   # noqa: BLE001
+        rec["errors"]["rates_end"] = _err(e)
+    log(_fmt_record(rec))
+    return rec
+
+
+# =========================================================================== output
+def _fmt_rates(rates: Dict[str, float]) -> str:
+    return " ".join(f"{n}={100 * r:.0f}%" for n, r in rates.items()) if rates else "-"
+
+
+def _ms(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _x(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _eq_str(eq: Dict[str, Any]) -> str:
+    if not eq:
+        return "-"
+    if "out_diff_train" not in eq:
+        return "error"
+    held = "yes" if eq.get("held") else "NO"
+    return (f"{held} (out {eq['out_diff_train']:.1e}/{eq.get('out_diff_eval', float('nan')):.1e}, "
+            f"grad {eq.get('grad_diff', float('nan')):.1e})")
+
+
+def _cov_str(rec: Dict[str, Any]) -> str:
+    if rec["n_compiled"] is None and rec["n_opaque"] is None:
+        return f"?/{rec['n_neurons'] or 0}"
+    return f"{rec['n_compiled'] or 0} compiled, {rec['n_opaque'] or 0} opaque / {rec['n_neurons']}"
+
+
+def _fmt_record(rec: Dict[str, Any]) -> str:
+    t, s = rec["times_ms"], rec["speedup"]
+    lines = [f"[{rec['model']}] neurons: {_cov_str(rec)} ({rec['coverage_source']})"
+             + (f"; opaque: {', '.join(rec['opaque'])}" if rec["opaque"] else "")]
+    for k, d in t.items():
+        sp = s.get(k, {})
+        lines.append(f"[{rec['model']}]   {k:<14} train {_ms(d['train']):>8} ms {_x(sp.get('train')):>7} | "
+                     f"infer {_ms(d['infer']):>8} ms {_x(sp.get('infer')):>7}")
+    lines.append(f"[{rec['model']}] compiled == eager: {_eq_str(rec['equal'])}; rates after timing: "
+                 f"{_fmt_rates(rec['rates_end'])}")
+    for k, v in rec["errors"].items():
+        lines.append(f"[{rec['model']}] ERROR {k}: {v}")
+    return "\n".join(lines)
+
+
+def table(records: List[Dict[str, Any]], markdown: bool, torch_compile: bool) -> str:
+    cols = ["model", "neurons (compiled/opaque/all)", "eager train ms", "snncc train ms", "train x",
+            "eager infer ms", "snncc infer ms", "infer x"]
+    if torch_compile:
+        cols += ["t.c train ms", "t.c infer ms"]
+    cols += ["compiled == eager", "firing rates (train)", "errors"]
+    rows = []
+    for r in records:
+        t, s = r["times_ms"], r["speedup"]
+        e, c = t.get("eager", {}), t.get("snncc", {})
+        cov = ("?" if r["n_compiled"] is None else str(r["n_compiled"])) + "/" + \
+              ("?" if r["n_opaque"] is None else str(r["n_opaque"])) + f"/{r['n_neurons'] or 0}"
+        row = [r["model"], cov, _ms(e.get("train")), _ms(c.get("train")), _x(s.get("snncc", {}).get("train")),
+               _ms(e.get("infer")), _ms(c.get("infer")), _x(s.get("snncc", {}).get("infer"))]
+        if torch_compile:
+            tc = t.get("torch.compile", {})
+            row += [_ms(tc.get("train")), _ms(tc.get("infer"))]
+        errs = "; ".join(f"{k}: {v}" for k, v in r["errors"].items())
+        row += [_eq_str(r["equal"]), _fmt_rates(r["rates"]), (errs[:160] + "...") if len(errs) > 160 else errs or "-"]
+        rows.append(row)
+    if markdown:
+        out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+        return "\n".join(out)
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    fmt = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths))   # noqa: E731
+    return "\n".join([fmt(cols)] + [fmt(row) for row in rows])
+
+
+def run(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """Parse ``argv``, benchmark the models, print (and write) the results; returns the records."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(BUILDERS), help=f"comma list of: {', '.join(BUILDERS)}")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default 32; 4 with --quick)")
+    ap.add_argument("--T", type=int, default=None, help="timesteps (default 8; 4 with --quick)")
+    ap.add_argument("--repeat", type=int, default=None, help="interleaved timing rounds (default 5; 1 with --quick)")
+    ap.add_argument("--reps", type=int, default=None, help="calls per variant and mode per round (default 2)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rate", type=float, default=0.10, help="target firing rate of every neuron layer")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke test")
+    ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the eager loop")
+    ap.add_argument("--markdown", action="store_true", help="print the summary as a Markdown table")
+    ap.add_argument("--json", help="write the records here")
+    ap.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    args = ap.parse_args(argv)
+    args.batch = args.batch or (4 if args.quick else 32)
+    args.T = args.T or (4 if args.quick else 8)
+    args.repeat = args.repeat or (1 if args.quick else 5)
+    args.reps = args.reps or (1 if args.quick else 2)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BUILDERS]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; have {', '.join(BUILDERS)}")
+    torch.set_num_threads(args.threads)
+    header = (f"bench_zoo | snncc {snncc.__version__} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+              f" | {platform.processor() or platform.machine()} | {datetime.date.today()} | T={args.T} "
+              f"batch={args.batch} repeat={args.repeat}x{args.reps}{' quick' if args.quick else ''}")
+    print(header, flush=True)
+    records = []
+    for n in names:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+            records.append(bench_model(n, args, log=lambda s: print(s, flush=True)))
+    print()
+    print(table(records, args.markdown, args.torch_compile))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "args": vars(args), "torch": torch.__version__,
+                       "date": str(datetime.date.today()), "records": records}, f, indent=1, default=str)
+    return records
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
