@@ -8,16 +8,17 @@ the kernels, tests/cuda_emu). Tensors are passed as raw device pointers; the lau
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import cupy  # noqa: F401  (the only cupy import in snncc)
 import torch
 
+from snncc.neuron_ir import NeuronIR
 from snncc.neurons import NeuronSpec
-from . import scan
+from . import ir_scan, scan
 from .kernels import NVRTC_OPTIONS
 
-__all__ = ["CupyLauncher", "LAUNCHER", "cuda_scan"]
+__all__ = ["CupyLauncher", "LAUNCHER", "cuda_scan", "cuda_ir_scan"]
 
 
 class CupyLauncher:
@@ -59,3 +60,14 @@ def cuda_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool, v0: Op
     """
     with torch.cuda.device(x.device):
         return scan.cuda_scan(LAUNCHER, spec, x, K, broadcast, v0, w, pool, h_dtype)
+
+
+def cuda_ir_scan(first: NeuronIR, steady: NeuronIR, x: torch.Tensor, K: int, broadcast: bool,
+                 state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor]
+                 ) -> Optional[Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]]:
+    """The CUDA counterpart of ``runtime.cpu_ir.ir_c_scan`` for a lifted neuron (same arguments and
+    results; None when the tensors do not fit and the caller runs the reference scan): ``ir_scan``'s on
+    this launcher, with ``x``'s device current, as :func:`cuda_scan`. Check ``ir_scan.cuda_supports_ir``
+    first."""
+    with torch.cuda.device(x.device):
+        return ir_scan.cuda_ir_scan(first, steady, x, K, broadcast, state, params, launcher=LAUNCHER)
