@@ -97,7 +97,7 @@ def _scan_step_time(device: torch.device) -> float:
     """Per-step cost of a neuron scan over a small layer (4096 neurons): the slope between K=2 and K=32."""
     from snncc.neurons import NeuronSpec
     from snncc.surrogate import SurrogateSpec
-    from .reference import neuron_scan
+    from .dispatch import neuron_scan
     spec = NeuronSpec("lif", SurrogateSpec("sigmoid", 4.0))
     times = []
     with torch.no_grad():

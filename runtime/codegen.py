@@ -20,13 +20,11 @@ import torch
 from snncc.neurons import NeuronSpec
 from snncc.surrogate import plain_step_surrogate
 
-__all__ = ["KINDS", "KINDS2", "SURROGATES", "supported", "plain_step_surrogate", "charge", "reset", "bwd_reset", "surrogate", "charge_grads",
+__all__ = ["KINDS", "SURROGATES", "supported", "plain_step_surrogate", "charge", "reset", "bwd_reset", "surrogate", "charge_grads",
            "dh_dk", "EXP_FLOAT"]
 
 #: neuron kinds with generated kernels: H affine in V and X with one state variable (both targets)...
 KINDS = ("if", "lif", "plif")
-#: ...and two state variables (C target; their CUDA scans run on the reference backend for now).
-KINDS2 = ("izhikevich", "alif")
 
 #: d spike / d z as C, per surrogate (same formulas as snncc.surrogate.derivative); EXP is the target's exp.
 SURROGATES = {
@@ -65,14 +63,12 @@ static inline float snn_expf(float x) {
 """
 
 
-def supported(spec: NeuronSpec, two_state: bool = False) -> bool:
-    """Whether kernels can be generated for ``spec`` (else: the reference scan); ``two_state``: also the
-    Izhikevich and adaptive-LIF kernels (C target). A user's surrogate is supported by the one-state
-    kernels when :func:`plain_step_surrogate` accepts it."""
+def supported(spec: NeuronSpec) -> bool:
+    """Whether the hand-tuned kernels run ``spec`` (else: the reference scan). A user's surrogate is
+    supported when :func:`plain_step_surrogate` accepts it."""
     if spec.surrogate.opaque:
         return spec.kind in KINDS and plain_step_surrogate(spec.surrogate.fn)
-    kinds = KINDS + KINDS2 if two_state else KINDS
-    return spec.kind in kinds and spec.surrogate.name in SURROGATES
+    return spec.kind in KINDS and spec.surrogate.name in SURROGATES
 
 
 def _reset0(spec: NeuronSpec) -> bool:

@@ -29,7 +29,8 @@ import torch
 from snncc.neurons import NeuronSpec
 from . import buffers, codegen
 
-__all__ = ["supports", "c_scan", "c_bn_scan", "update_running_stats", "c_scan2", "kernel_source2", "kernel_source", "compiler_available", "pool_geometry", "CACHE_DIR"]
+__all__ = ["supports", "c_scan", "c_bn_scan", "update_running_stats", "kernel_source", "compiler_available",
+           "pool_geometry", "CACHE_DIR"]
 
 CACHE_DIR = os.environ.get("SNNCC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "snncc", "kernels"))
 # -fno-math-errno lets gcc call glibc's vector exp (libmvec) in the backward loop; it changes no result.
@@ -45,10 +46,10 @@ _CTYPE = {torch.float32: "float", torch.float64: "double"}
 _HTYPE = {torch.float32: "float", torch.float64: "double", torch.float16: "_Float16"}
 
 
-def supports(spec: NeuronSpec, *tensors: Optional[torch.Tensor], two_state: bool = False) -> bool:
-    """Whether the C scan can run this spec on these tensors (else: reference backend); ``two_state``:
-    also the Izhikevich / adaptive-LIF scans (``c_scan2``)."""
-    if not codegen.supported(spec, two_state):
+def supports(spec: NeuronSpec, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the C scan can run this built-in spec on these tensors (else: reference backend). Other
+    neurons (two-state kinds, users') run scans generated from their lifted step (``runtime/cpu_ir.py``)."""
+    if not codegen.supported(spec):
         return False
     ts = [t for t in tensors if t is not None]
     if not ts or any(t.device.type != "cpu" or t.dtype not in _CTYPE or t.dtype != ts[0].dtype for t in ts):
@@ -381,12 +382,6 @@ def _library(src: str) -> Any:
                 os.replace(tmp_so, so) if not os.path.exists(so) else None
         lib = ctypes.CDLL(so)
         _LIBS[key] = lib
-        if "void scan2_fwd(" in src:
-            i64, dbl, ptr, cint = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
-            lib.scan2_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, dbl, dbl, dbl, cint]
-            lib.scan2_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, ptr, ptr, ptr, i64, i64,
-                                      dbl, dbl, dbl, dbl, cint]
-            return lib
         if "void scan_fwd(" not in src:        # another kind of source (bits_source): caller types it
             return lib
         i64, dbl, ptr, cint = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
@@ -401,163 +396,6 @@ def _library(src: str) -> Any:
                                  dbl, dbl, dbl, dbl, dbl, cint] + extra
         _LIBS[key] = lib
         return lib
-
-
-def kernel_source2(spec: NeuronSpec, dtype: torch.dtype) -> str:
-    """C scans for the two-state neurons (Izhikevich: V, U; adaptive LIF: V, A), flat layout only.
-
-    Same blocking as ``scan_fwd``. Backward keeps H and the spike bits; V before a step (Izhikevich) and A
-    before a step (adaptive LIF) are recomputed from them with the forward's own operations, so nothing
-    else is stored. Gradients follow autograd of :func:`snncc.neurons.step` term by term.
-    """
-    T = _CTYPE[dtype]
-    cg = codegen
-    hard = spec.v_reset is not None
-    det = spec.detach_reset
-    vinit = "VR" if hard else "(T)0"
-    reset_v = "v = s != (T)0 ? VR : h;" if hard else "v = h - s * VTH;"
-    # through the V reset: (gs, gh) from gv
-    bwd_v = (("" if det else "gs += gv * (VR - h); ") + "gh = gv * ((T)1 - s);") if hard else \
-        (("" if det else "gs -= gv * VTH; ") + "gh = gv;")
-    if spec.kind == "izhikevich":
-        consts = (f"const T DT = (T){spec.const('dt')!r}, DTA = (T){spec.const('dt') * spec.const('a')!r}, "
-                  f"B = (T){spec.const('b')!r}, D = (T){spec.const('d')!r}; "
-                  f"const T UINIT = (T){spec.const('b') * (0.0 if spec.v_reset is None else spec.v_reset)!r};")
-        fwd = f"""
-        const T h = {cg.charge(spec)};
-        const T uh = u + DTA * (B * v - u);
-        const T s = h >= VTH ? (T)1 : (T)0;
-        {reset_v}
-        u = uh + D * s;"""
-        # U' = U_h + D * s_r; H = v + DT*(0.04 v^2 + 5 v + 140 - u + x); U_h = u + DTA*(B v - u)
-        bwd = f"""
-        T gs = gs_in{"" if det else " + D * gu"};
-        T gh;
-        {bwd_v}
-        const T z = h - VTH;
-        T d;
-        {cg.surrogate(spec)}
-        gh = gh + gs * d;
-        gx = gh * DT;
-        const T gv_new = gh * ((T)1 + DT * ((T)0.08 * vp + (T)5)) + gu * DTA * B;
-        const T gu_new = -(gh * DT) + gu * ((T)1 - DTA);
-        gv = gv_new; gu = gu_new;"""
-        need_prev = "vp"
-    else:   # alif: A' = A * DECA + s (s not detached), threshold VTH + BETA * A
-        consts = (f"const T BETA = (T){spec.const('beta')!r}, DECA = (T){1.0 - 1.0 / spec.const('tau_a')!r}; "
-                  "const T UINIT = (T)0;")
-        fwd = f"""
-        const T h = {cg.charge(spec)};
-        const T thr = VTH + BETA * u;
-        const T s = (h - thr) >= (T)0 ? (T)1 : (T)0;
-        {reset_v}
-        u = u * DECA + s;"""
-        bwd = f"""
-        T gs = gs_in + gu;
-        T gh;
-        {bwd_v}
-        const T z = h - (VTH + BETA * ap);
-        T d;
-        {cg.surrogate(spec)}
-        const T gz = gs * d;
-        gh = gh + gz;
-        {cg.charge_grads(spec)}
-        gu = gu * DECA - BETA * gz;"""
-        need_prev = "ap"
-    exp = "snn_expf" if T == "float" else "exp"
-    fabs = "fabsf" if T == "float" else "fabs"
-    return f"""// generated by snncc.runtime.cpu (two-state) for {spec}
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <math.h>
-typedef {T} T;
-typedef uint8_t u8;
-#define EXP {exp}
-#define FABS {fabs}
-#define BLK {_BLOCK}
-{codegen.EXP_FLOAT if T == "float" else ""}
-#define CONSTS2 \\
-  const T TAU = (T)tau_, DEC = (T)(1.0 - 1.0 / tau_), VTH = (T)vth_, VR = (T)vr_; \\
-  const T VINIT = {vinit}; {consts} \\
-  (void)TAU; (void)DEC; (void)VR; (void)VINIT; (void)UINIT;
-
-void scan2_fwd(const T* xs, int64_t x_stride, const T* v0, const T* u0, T* spikes, u8* bits, T* hs,
-               T* v_out, T* u_out, int64_t K, int64_t M, double tau_, double vth_, double vr_, int nthreads) {{
-  CONSTS2
-  const int64_t U = (M + BLK - 1) / BLK, UB = BLK / 8;
-  #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t blk = 0; blk < U; ++blk) {{
-    const int64_t start = blk * BLK, n = (M - start) < BLK ? (M - start) : BLK;
-    T vb[BLK], ubuf[BLK];
-    u8 sb[BLK];
-    for (int64_t i = 0; i < n; ++i) {{ vb[i] = v0 ? v0[start + i] : VINIT; ubuf[i] = u0 ? u0[start + i] : UINIT; }}
-    for (int64_t t = 0; t < K; ++t) {{
-      const T* xt = xs + t * x_stride + start;
-      for (int64_t i = 0; i < n; ++i) {{
-        const T x = xt[i];
-        T v = vb[i], u = ubuf[i];
-        {fwd}
-        sb[i] = (u8)(s != (T)0);
-        if (hs) hs[t * M + start + i] = h;
-        if (spikes) spikes[t * M + start + i] = s;
-        vb[i] = v; ubuf[i] = u;
-      }}
-      if (bits) {{
-        for (int64_t j = 0; j < (n + 7) / 8; ++j) {{
-          u8 b = 0;
-          for (int k = 0; k < 8; ++k) b |= (u8)((j * 8 + k < n ? sb[j * 8 + k] : 0) << k);
-          bits[(t * U + blk) * UB + j] = b;
-        }}
-      }}
-    }}
-    memcpy(v_out + start, vb, n * sizeof(T));
-    memcpy(u_out + start, ubuf, n * sizeof(T));
-  }}
-}}
-
-void scan2_bwd(const T* g_spikes, const T* hs, const u8* bits, const T* g_vlast, const T* g_ulast,
-               T* g_x, int broadcast, T* g_v0, T* g_u0, const T* v0, const T* u0, int64_t K, int64_t M,
-               double tau_, double vth_, double vr_, double alpha_, int nthreads) {{
-  CONSTS2
-  const T A = (T)alpha_;
-  const int64_t U = (M + BLK - 1) / BLK, UB = BLK / 8;
-  #pragma omp parallel num_threads(nthreads)
-  {{
-    T* prev = (T*)malloc((size_t)(K > 0 ? K : 1) * BLK * sizeof(T));   // V (izhikevich) or A (alif) before each step
-    #pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < U; ++blk) {{
-      const int64_t start = blk * BLK, n = (M - start) < BLK ? (M - start) : BLK;
-      #define BIT(t, i) ((bits[((t) * U + blk) * UB + ((i) >> 3)] >> ((i) & 7)) & 1)
-      for (int64_t i = 0; i < n; ++i) {{
-        T p = {"v0 ? v0[start + i] : VINIT" if spec.kind == "izhikevich" else "u0 ? u0[start + i] : UINIT"};
-        for (int64_t t = 0; t < K; ++t) {{
-          prev[t * BLK + i] = p;
-          const T s = (T)BIT(t, i);
-          {"const T h = hs[t * M + start + i]; T v; " + reset_v + " p = v;" if spec.kind == "izhikevich" else "p = p * DECA + s;"}
-        }}
-      }}
-      for (int64_t i = 0; i < n; ++i) {{
-        T gv = g_vlast ? g_vlast[start + i] : (T)0, gu = g_ulast ? g_ulast[start + i] : (T)0, gacc = (T)0;
-        for (int64_t t = K - 1; t >= 0; --t) {{
-          const T h = hs[t * M + start + i];
-          const T s = (T)BIT(t, i);
-          const T gs_in = g_spikes ? g_spikes[t * M + start + i] : (T)0;
-          const T {need_prev} = prev[t * BLK + i];
-          T gx;
-          {bwd}
-          if (broadcast) gacc += gx; else g_x[t * M + start + i] = gx;
-        }}
-        g_v0[start + i] = gv;
-        g_u0[start + i] = gu;
-        if (broadcast) g_x[start + i] = gacc;
-      }}
-      #undef BIT
-    }}
-    free(prev);
-  }}
-}}
-"""
 
 
 def bits_source(dtype: torch.dtype) -> str:
@@ -683,14 +521,6 @@ def _kernels(spec: NeuronSpec, dtype: torch.dtype, pool: Optional[int]) -> Any:
     lib = _BY_SPEC.get(key)
     if lib is None:
         lib = _BY_SPEC[key] = _library(kernel_source(spec, dtype, pool=pool))
-    return lib
-
-
-def _kernels2(spec: NeuronSpec, dtype: torch.dtype) -> Any:
-    key = ("two_state", spec, dtype)
-    lib = _BY_SPEC.get(key)
-    if lib is None:
-        lib = _BY_SPEC[key] = _library(kernel_source2(spec, dtype))
     return lib
 
 
@@ -982,57 +812,3 @@ def update_running_stats(bn: Any, mean: torch.Tensor, var: torch.Tensor, n: int)
             m = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
             bn.running_mean.mul_(1 - m).add_(mean[t].to(bn.running_mean.dtype), alpha=m)
             bn.running_var.mul_(1 - m).add_(unbiased[t].to(bn.running_var.dtype), alpha=m)
-
-
-class _CScan2(torch.autograd.Function):
-    """Izhikevich / adaptive-LIF scan over K steps (``kernel_source2``); keeps H and spike bits."""
-
-    @staticmethod
-    def forward(ctx: Any, spec: NeuronSpec, broadcast: bool, K: int, need_grad: bool, x: torch.Tensor,
-                v0: Optional[torch.Tensor], u0: Optional[torch.Tensor]):
-        x = x.contiguous()
-        x_step = x if broadcast else x[0]
-        v0 = None if v0 is None else v0.contiguous()
-        u0 = None if u0 is None else u0.contiguous()
-        M = x_step.numel()
-        units = (M + _BLOCK - 1) // _BLOCK
-        hs = buffers.empty((K,) + tuple(x_step.shape), x.dtype, x.device) if need_grad else None
-        bits = buffers.empty((K * units * (_BLOCK // 8),), torch.uint8, x.device) if need_grad else None
-        out = buffers.empty((K,) + tuple(x_step.shape), x.dtype, x.device)
-        v, u = buffers.empty_like(x_step.contiguous()), buffers.empty_like(x_step.contiguous())
-        lib = _kernels2(spec, x.dtype)
-        tau, _, vth, vr = _consts(spec, None)
-        lib.scan2_fwd(x.data_ptr(), 0 if broadcast else M, _p(v0), _p(u0), out.data_ptr(), _p(bits), _p(hs),
-                      v.data_ptr(), u.data_ptr(), K, M, tau, vth, vr, torch.get_num_threads())
-        ctx.spec, ctx.broadcast, ctx.K = spec, broadcast, K
-        ctx.set_materialize_grads(False)
-        if need_grad:
-            ctx.save_for_backward(hs, bits, v0, u0)
-        return out, v, u
-
-    @staticmethod
-    def backward(ctx: Any, g_out: Optional[torch.Tensor], g_v: Optional[torch.Tensor], g_u: Optional[torch.Tensor]):
-        hs, bits, v0, u0 = ctx.saved_tensors
-        spec, K = ctx.spec, ctx.K
-        h0 = hs[0]
-        M = h0.numel()
-        g_out = None if g_out is None else g_out.contiguous()
-        g_v = None if g_v is None else g_v.contiguous()
-        g_u = None if g_u is None else g_u.contiguous()
-        g_x = buffers.empty(tuple(h0.shape) if ctx.broadcast else tuple(hs.shape), hs.dtype, hs.device)
-        g_v0, g_u0 = buffers.empty_like(h0), buffers.empty_like(h0)
-        lib = _kernels2(spec, hs.dtype)
-        tau, _, vth, vr = _consts(spec, None)
-        lib.scan2_bwd(_p(g_out), hs.data_ptr(), bits.data_ptr(), _p(g_v), _p(g_u), g_x.data_ptr(),
-                      int(ctx.broadcast), g_v0.data_ptr(), g_u0.data_ptr(), _p(v0), _p(u0), K, M, tau, vth, vr,
-                      float(spec.surrogate.alpha), torch.get_num_threads())
-        return (None, None, None, None, g_x, g_v0 if ctx.needs_input_grad[5] else None,
-                g_u0 if ctx.needs_input_grad[6] else None)
-
-
-def c_scan2(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool, v0: Optional[torch.Tensor],
-            u0: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Spikes ``[K, *S]`` and the final (V, U or A) of an Izhikevich / adaptive-LIF layer; None states are
-    the reset state."""
-    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, v0, u0))
-    return _CScan2.apply(spec, broadcast, K, need_grad, x, v0, u0)

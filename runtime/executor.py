@@ -22,8 +22,7 @@ from .batchnorm import batch_norm_steps
 from .cpu import c_bn_scan, supports as cpu_supports
 from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
-from .reference import lifted_scan, neuron_scan
-from .cpu_ir import c_supports_ir, ir_c_scan
+from .dispatch import lifted_neuron_scan, neuron_scan
 from snncc.lift import _set_state
 
 
@@ -35,19 +34,6 @@ def _warn_once(msg: str) -> None:
         _WARNED.add(msg)
         import warnings
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
-def _cuda_lifted(lifted: Any, x: torch.Tensor, K: int, broadcast: bool, state: Any, params: Any) -> Any:
-    """The generated CUDA scan when CuPy and the CUDA generator can run it; None otherwise."""
-    try:
-        from .cuda.ir_scan import cuda_ir_scan, cuda_supports_ir
-    except ImportError:
-        return None
-    if cuda_supports_ir(lifted.first, lifted.steady, x) is not None:
-        return None
-    return cuda_ir_scan(lifted.first, lifted.steady, x, K, broadcast, state, params)
-
-__all__ = ["Executor", "TaskObserver"]
 
 
 class TaskObserver:
@@ -346,15 +332,7 @@ class Executor:
             lifted = binding.lifted.get(m, xs.dtype)
         except Exception as exc:
             return self._eager_steps(task, run, m, xs, broadcast, K, str(exc))
-        params = lifted.params(m)
-        res = None
-        if xs.device.type == "cpu" and c_supports_ir(lifted.first, lifted.steady) is None:
-            res = ir_c_scan(lifted.first, lifted.steady, xs, K, broadcast, state0, params)
-        elif xs.is_cuda:
-            res = _cuda_lifted(lifted, xs, K, broadcast, state0, params)
-        if res is None:
-            res = lifted_scan(lifted.first, lifted.steady, xs, K, broadcast, state0, params)
-        out, state = res
+        out, state = lifted_neuron_scan(lifted, xs, K, broadcast, state0, lifted.params(m))
         if out.dtype != in_dtype and in_dtype in (torch.float16, torch.bfloat16):
             out = out.to(in_dtype)
         run.states[task.target] = state

@@ -21,8 +21,6 @@ import torch.nn.functional as F
 
 from snncc.neurons import NeuronSpec, charge, fire, initial_state, reset, step
 from snncc.surrogate import derivative
-from . import cuda
-from .cpu import c_scan, c_scan2, supports
 
 __all__ = ["neuron_scan", "lifted_scan"]
 
@@ -244,42 +242,12 @@ def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
                 state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
                 pool: Optional[int] = None, h_dtype: Optional[torch.dtype] = None, recompute: bool = False,
                 pool_cf: bool = False) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """Run a neuron layer over K steps. ``x`` is ``[K, *S]`` (or ``[*S]`` fed at every step when
-    ``broadcast``); ``state`` None means the reset state. Returns spikes ``[K, *S]`` and the final state.
-
-    ``pool=k``: the spikes' k x k max pool (stride k, no padding) is returned instead, ``[K, N, C, H/k,
-    W/k]``: fused into the C kernel when it runs, ``F.max_pool2d`` after the scan otherwise. ``h_dtype``:
-    the dtype H is kept in for backward by the C kernel (float16 = ``memory="half"``); ``recompute``: the
-    C kernel keeps only its input and initial V and reruns the forward in backward (``memory="min"``).
-    """
+    """A built-in neuron layer over K steps with torch ops (the oracle; ``runtime.dispatch.neuron_scan``
+    picks the backend). ``x`` is ``[K, *S]`` (or ``[*S]`` fed at every step when ``broadcast``); ``state``
+    None means the reset state. Returns spikes ``[K, *S]`` (``pool=k``: their k x k max pool) and the final
+    state. ``h_dtype``/``recompute`` are the kernels' memory options: the reference keeps what it needs."""
     x0 = x if broadcast else x[0]
     w = params[0] if spec.kind == "plif" and len(params) == 1 else None
-    v0 = None if state is None else state[0]        # None: the kernels start from the reset value
-    if x.dtype in (torch.float16, torch.bfloat16) and not (x.is_cuda and cuda.supports(spec, x, v0, w)):
-        # NOTE: AMP (autocast gives the neurons half-precision input): the state is kept in float32, as the
-        # CUDA kernels do, so V does not lose the small increments a half-precision sum rounds away; spikes
-        # (exactly 0/1) go back in the input's dtype and the gradient back to it through autograd.
-        st = None if state is None else tuple(s.float() for s in state)
-        spikes, out_state = neuron_scan(spec, x.float(), K, broadcast, st, params, pool, h_dtype, recompute,
-                                        pool_cf)
-        return spikes.to(x.dtype), out_state
-    if x.is_cuda and cuda.supports(spec, x, v0, w) and (w is None or w.numel() == 1):
-        from .cuda.launch import cuda_scan       # imports cupy: only when a CUDA scan actually runs
-        if recompute:
-            _warn_once("snncc: memory='min' is not implemented by the CUDA kernels yet; they keep H for "
-                       "backward as memory='default' does (same results, more memory).")
-        spikes, v = cuda_scan(spec, x, K, broadcast, v0, w, pool, h_dtype)
-        return spikes, (v,)
-    if supports(spec, x, v0, w) and (w is None or w.numel() == 1):
-        spikes, v = c_scan(spec, x, K, broadcast, v0, w, pool, h_dtype, recompute, pool_cf)
-        return spikes, (v,)
-    if spec.kind in ("izhikevich", "alif") and supports(spec, x, *(state or ()), two_state=True):
-        spikes, v, u = c_scan2(spec, x, K, broadcast, *(state if state is not None else (None, None)))
-        out2: Tuple[torch.Tensor, ...] = (v, u)
-        if pool is not None:
-            pooled = F.max_pool2d(spikes.flatten(0, 1), pool, pool)
-            spikes = pooled.view(K, spikes.shape[1], *pooled.shape[1:])
-        return spikes, out2
     if state is None:
         state = initial_state(spec, x0)
     if spec.lif_family and (spec.kind != "plif" or len(params) == 1):

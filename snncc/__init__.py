@@ -7,8 +7,9 @@
 from . import data, losses, neurons, surrogate
 from .compiled import CompiledModule, Stream, compile, reset
 from .errors import InputError, SNNCCError, TaskFailure, TraceFailure
+from .explain import Explanation, explain
 from .neurons import IF, LIF, AdaptiveLIF, Izhikevich, ParametricLIF
 
 __version__ = "0.1.0"
-__all__ = ["compile", "reset", "CompiledModule", "neurons", "surrogate", "losses", "data", "IF", "LIF", "ParametricLIF",
-           "Izhikevich", "AdaptiveLIF", "SNNCCError", "TraceFailure", "InputError", "TaskFailure"]
+__all__ = ["compile", "reset", "explain", "Explanation", "CompiledModule", "neurons", "surrogate", "losses", "data",
+           "IF", "LIF", "ParametricLIF", "Izhikevich", "AdaptiveLIF", "SNNCCError", "TraceFailure", "InputError", "TaskFailure"]

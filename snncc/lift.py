@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -118,6 +120,15 @@ def restore_attrs(m: nn.Module, snap: Dict[Tuple[str, str], Any]) -> None:
 
 
 def _set_state(m: nn.Module, name: str, value: Any) -> None:
+    """Write state ``name`` (``attr#i``: element i of a tuple attribute, as snncc's neurons keep ``state``)."""
+    if "#" in name:
+        base, i = name.split("#")
+        cur = _get_state(m, base)
+        lst = list(cur) if isinstance(cur, (tuple, list)) else []
+        lst += [None] * (int(i) + 1 - len(lst))
+        lst[int(i)] = value
+        _set_state(m, base, tuple(lst))
+        return
     mem = vars(m).get("_memories")
     if isinstance(mem, dict) and name in mem:
         mem[name] = value
@@ -128,6 +139,10 @@ def _set_state(m: nn.Module, name: str, value: Any) -> None:
 
 
 def _get_state(m: nn.Module, name: str) -> Any:
+    if "#" in name:
+        base, i = name.split("#")
+        cur = _get_state(m, base)
+        return cur[int(i)] if isinstance(cur, (tuple, list)) and len(cur) > int(i) else None
     mem = vars(m).get("_memories")
     if isinstance(mem, dict) and name in mem:
         return mem[name]
@@ -192,13 +207,16 @@ def state_attrs(m: nn.Module, x: torch.Tensor) -> Tuple[str, ...]:
             continue
         if isinstance(v, torch.Tensor) and v.shape == x.shape:
             states.append(key[1])
+        elif isinstance(v, tuple) and v and all(isinstance(e, torch.Tensor) and e.shape == x.shape for e in v):
+            states += [f"{key[1]}#{i}" for i in range(len(v))]      # a tuple of states (snncc's `state`)
         else:
             other.append(key[1])
     if other:
         raise LiftFailure(f"its forward changes non-tensor or differently shaped state {other} "
                           "(only state shaped like the input can be scanned)")
     if not isinstance(out, torch.Tensor):
-        raise LiftFailure(f"its forward returns {type(out).__name__}, not one tensor")
+        raise LiftFailure(f"its forward returns {type(out).__name__}, not one tensor (snncc compiles neurons "
+                          "that return their spikes; a tuple such as snnTorch's output=True runs opaque)")
     return tuple(dict.fromkeys(states))
 
 
@@ -225,6 +243,7 @@ class _Recorder(TorchFunctionMode):
         self.surrogates: List[Tuple[SurrogateSpec, bool]] = []
         self.error: Optional[str] = None
         self.suspended = 0
+        self.mixed: Dict[int, str] = {}          # id -> op: results of reductions and other non-elementwise ops
         self.x_shape = x_shape
         self._n = 0
 
@@ -248,6 +267,9 @@ class _Recorder(TorchFunctionMode):
     def _arg(self, a: Any) -> Tuple[Any, bool]:
         """(IR argument, dynamic) for a call argument."""
         if isinstance(a, torch.Tensor):
+            if id(a) in self.mixed:
+                raise LiftFailure(f"`{self.mixed[id(a)]}` is not an elementwise op snncc can lift (it mixes "
+                                  "neurons)")
             v = self.value(a)
             if v is not None:
                 return v.name, v.dynamic
@@ -294,7 +316,7 @@ class _Recorder(TorchFunctionMode):
         tracked = [self.value(t) for t in tensors if self.value(t) is not None]
         dynamic = any(v.dynamic for v in tracked)
         if name in _DATA_DEPENDENT:
-            if dynamic:
+            if dynamic or any(id(t) in self.mixed for t in tensors):
                 raise LiftFailure(f"data-dependent Python control flow (`Tensor.{name}` on a value that depends on "
                                   "the input or state); rewrite it with torch.where")
             return
@@ -315,13 +337,22 @@ class _Recorder(TorchFunctionMode):
             if dynamic and not isinstance(out, (torch.Size, torch.dtype, torch.device, int, bool, str)):
                 raise LiftFailure(f"`{name}` returns {type(out).__name__}")
             return
+        mixed = [self.mixed[id(t)] for t in tensors if id(t) in self.mixed]
+        if mixed:
+            self.mixed[id(out)] = mixed[0]          # derived from a value that mixes neurons
+            self.alive.append(out)
+            return
         if not tracked and not any(isinstance(a, torch.Tensor) for a in tensors):
             return          # a factory (torch.tensor, torch.zeros): a constant if used later
         rule = _RULES.get(name)
         if rule is None:
             if not dynamic:
                 return      # work on buffers only: its result is a constant to the step (or unused)
-            raise LiftFailure(f"`{name}` is not an elementwise op snncc can lift")
+            # NOTE: not an error yet: a reduction feeding an `if` is data-dependent control flow, and the
+            # message should say so; using it in the step is the error (see _arg)
+            self.mixed[id(out)] = name
+            self.alive.append(out)
+            return
         rule(self, name, args, kwargs, out, dynamic)
 
 
@@ -510,7 +541,11 @@ def _masked_fill(rec: _Recorder, name: str, args: Tuple, kwargs: Dict, out: torc
 def _minmax(op: str) -> Callable:
     def rule(rec: _Recorder, name: str, args: Tuple, kwargs: Dict, out: Any, dyn: bool) -> None:
         if len(args) != 2 or not isinstance(args[1], torch.Tensor):
-            raise LiftFailure(f"`{name}` over a dimension is not elementwise")
+            for t in (out if isinstance(out, tuple) else (out,)):     # a reduction: see _Recorder._record
+                if isinstance(t, torch.Tensor):
+                    rec.mixed[id(t)] = name
+                    rec.alive.append(t)
+            return
         (aa, _), (bb, _) = rec._arg(args[0]), rec._arg(args[1])
         rec.emit(op, (aa, bb), out, dyn, out.dtype)
     return rule
@@ -652,16 +687,48 @@ def known_surrogate(fn: Callable[[torch.Tensor], torch.Tensor], alphas: Sequence
 
 
 class _patched_apply:
-    """Route ``autograd.Function.apply`` through the recorder while a forward is being recorded."""
+    """Route custom ``autograd.Function`` calls through the recorder while a forward is being recorded.
+
+    ``Function.apply`` looked up on the class (``Spike.apply(x)``) is replaced for the duration; an
+    ``apply`` bound earlier (``self.spike = Spike.apply`` in ``__init__``) is caught by a profile hook
+    on the Function's ``forward(ctx, ...)`` frame (its ``ctx`` names the Function class)."""
 
     def __init__(self, rec: _Recorder) -> None:
         self.rec = rec
+        self.stack: List[Tuple[Any, type, Tuple[Any, ...]]] = []
+        self.previous: Any = None
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        rec = self.rec
+        if event == "call" and frame.f_code.co_name == "forward" and not rec.suspended and rec.error is None:
+            code = frame.f_code
+            if code.co_argcount >= 1:
+                ctx = frame.f_locals.get(code.co_varnames[0])
+                cls = getattr(type(ctx), "_forward_cls", None)
+                if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+                    names = code.co_varnames[1:code.co_argcount]
+                    args = tuple(frame.f_locals[n] for n in names)
+                    if code.co_flags & 0x04:                      # *args
+                        args += tuple(frame.f_locals[code.co_varnames[code.co_argcount]])
+                    rec.suspended += 1
+                    self.stack.append((frame, cls, args))
+        elif event == "return" and self.stack and self.stack[-1][0] is frame:
+            _, cls, args = self.stack.pop()
+            rec.suspended -= 1
+            if rec.error is None:
+                try:
+                    _record_spike(rec, cls, args, {}, arg)
+                except LiftFailure as exc:
+                    rec.error = str(exc)
 
     def __enter__(self) -> None:
         _TLS.recorder = self.rec
         torch.autograd.Function.apply = classmethod(_recording_apply)
+        self.previous = sys.getprofile()
+        sys.setprofile(self._profile)
 
     def __exit__(self, *exc: Any) -> None:
+        sys.setprofile(self.previous)
         torch.autograd.Function.apply = _ORIG_APPLY
         _TLS.recorder = None
 
@@ -688,7 +755,7 @@ def _record(m: nn.Module, x: torch.Tensor, states: Dict[str, torch.Tensor], name
     rec = _Recorder(x.shape)
     rec.leaf(x, "x", True)
     for k, t in states.items():
-        rec.leaf(t, f"state_{k}", True)
+        rec.leaf(t, _state_value(k), True)
     for path, t in tensors.items():
         rec.leaf(t, f"p_{path.replace('.', '_')}", t.requires_grad)
     with _patched_apply(rec), rec:
@@ -704,6 +771,9 @@ def _build(rec: _Recorder, out: Any, state_names: Sequence[str], m: nn.Module, s
     if not isinstance(out, torch.Tensor):
         raise LiftFailure(f"its forward returns {type(out).__name__}, not one tensor")
     ov = rec.value(out)
+    for t in [out] + [_get_state(m, k) for k in state_names]:
+        if id(t) in rec.mixed:
+            raise LiftFailure(f"`{rec.mixed[id(t)]}` is not an elementwise op snncc can lift (it mixes neurons)")
     if ov is None:
         raise LiftFailure("its output was not computed by torch ops snncc can see (TorchScript, C++ or "
                           "another extension)")
@@ -728,6 +798,11 @@ def _build(rec: _Recorder, out: Any, state_names: Sequence[str], m: nn.Module, s
     ir = NeuronIR("x", states_in, params, tuple(keep), (ov.name,), tuple(new_states), sur,
                   tuple(sorted((k, v) for k, v in rec.dtypes.items() if k in live)))
     return ir, tuple(pnames[p] for p in params)
+
+
+def _state_value(attr: str) -> str:
+    """The IR value name of a state attribute (a C identifier: ``state#1`` -> ``state_state_1``)."""
+    return "state_" + re.sub(r"\W", "_", attr)
 
 
 def _with_params(ir: NeuronIR, params: Tuple[str, ...]) -> NeuronIR:
@@ -812,7 +887,7 @@ def _record_steps(m: nn.Module, dtype: torch.dtype) -> Lifted:
             _set_state(m, k, st[k])
         xs = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(dev).requires_grad_(grad)
         rec2, out2 = _record(m, xs, st, names, tensors)
-        steady, sparams = _build(rec2, out2, names, m, tuple(f"state_{k}" for k in names), tensors)
+        steady, sparams = _build(rec2, out2, names, m, tuple(_state_value(k) for k in names), tensors)
     for k, s_in, s_out in zip(names, steady.states, steady.new_states):
         if steady.dtype(s_in) != steady.dtype(s_out):
             raise LiftFailure(f"its state '{k}' changes dtype across a step")

@@ -137,9 +137,11 @@ def bind(m: nn.Module) -> Recognition:
 
 
 def _recognize(m: nn.Module) -> Recognition:
-    if isinstance(m, BaseNeuron):
+    if isinstance(m, BaseNeuron) and m.spec.lif_family:
         spec = m.spec
         return Recognition(NeuronBinding(spec, spec.learnable, None))
+    # NOTE: snncc's two-state neurons (Izhikevich, adaptive LIF) are lifted like any user's neuron: their
+    # kernels are generated from their step code, as every neuron's but the LIF family's hand-tuned ones
     if getattr(m, "step_mode", "s") != "s":
         return Recognition(None, f"step_mode='{m.step_mode}' (snncc compiles single-step modules; use "
                                  "step_mode='s')")

@@ -158,17 +158,21 @@ TWO_STATE = [v for v in itertools.product(["izhikevich", "alif"], [0.0, None], [
 
 @pytest.mark.parametrize("kind,v_reset,detach_reset", TWO_STATE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_two_state_c_scan_matches_reference(kind, v_reset, detach_reset, dtype, monkeypatch):
-    """Izhikevich and adaptive LIF: identical spikes and states, gradients (input and both initial states)
-    to tolerance, against the reference scan (autograd of snncc.neurons.step)."""
+def test_two_state_generated_scan_matches_reference(kind, v_reset, detach_reset, dtype):
+    """Izhikevich and adaptive LIF run the scan generated from their lifted step: identical spikes and
+    states, gradients (input and both initial states) to tolerance, against the torch reference scan."""
     import snncc
+    from snncc.lift import lift_neuron
+    from snncc.runtime.cpu_ir import ir_c_scan
+    from snncc.runtime.reference import lifted_scan
     if kind == "izhikevich":
         m = snncc.neurons.Izhikevich(c=-65.0 if v_reset == 0.0 else -50.0, detach_reset=detach_reset)
         scale, shift = 40.0, 10.0
     else:
         m = snncc.neurons.AdaptiveLIF(v_reset=v_reset, detach_reset=detach_reset)
         scale, shift = 2.0, 0.5
-    spec = m.spec
+    L = lift_neuron(m, dtype)
+    assert L.state_attrs == ("state#0", "state#1")
     K = 6
     torch.manual_seed(0)
     for broadcast in (False, True):
@@ -177,17 +181,14 @@ def test_two_state_c_scan_matches_reference(kind, v_reset, detach_reset, dtype, 
         v0 = (torch.randn(3, 5, 7, dtype=dtype) + (-60.0 if kind == "izhikevich" else 0.0)).requires_grad_(True)
         u0 = torch.rand(3, 5, 7, dtype=dtype).requires_grad_(True)
         g = torch.randn(K, 3, 5, 7, dtype=dtype)
-        res = {}
-        for backend in ("c", "reference"):
-            _use(backend, monkeypatch)
-            assert cpu.supports(spec, x, two_state=True) == (backend == "c")
-            for state in ((v0, u0), None):
-                s, st = neuron_scan(spec, x, K, broadcast, state, ())
+        for state in ((v0, u0), None):
+            res = []
+            for scan in (ir_c_scan, lifted_scan):
+                s, st = scan(L.first, L.steady, x, K, broadcast, state, ())
                 wrt = (x, v0, u0) if state is not None else (x,)
                 grads = torch.autograd.grad((s * g).sum() + st[0].sum() + 0.5 * st[1].sum(), wrt)
-                res[(backend, state is None)] = (s, st, grads)
-        for fresh in (False, True):
-            (s1, st1, g1), (s2, st2, g2) = res[("c", fresh)], res[("reference", fresh)]
+                res.append((s, st, grads))
+            (s1, st1, g1), (s2, st2, g2) = res
             assert 0 < s2.mean() < 1
             assert torch.equal(s1, s2)
             assert torch.equal(st1[0], st2[0]) and torch.equal(st1[1], st2[1])

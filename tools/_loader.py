@@ -30,7 +30,8 @@ from torch import nn
 import snncc
 
 __all__ = ["ModelSpecError", "Workload", "add_workload_args", "workload_from_args", "load_factory",
-           "parse_kwargs", "parse_shape", "eager_forward", "reset_model", "flatten_tensors"]
+           "parse_kwargs", "parse_shape", "eager_forward", "reset_model", "flatten_tensors", "annotate_fates",
+           "shorten"]
 
 FORMS = ("static", "sequence", "loop")
 
@@ -206,6 +207,27 @@ def eager_forward(model: nn.Module, form: str, T: Optional[int]) -> Callable[[to
     def run_loop(x: torch.Tensor) -> Any:        # the model loops (and resets) itself
         return model(x)
     return run_loop
+
+
+def shorten(text: str, width: int = 48) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis (picture labels; tooltips keep the whole)."""
+    return text if len(text) <= width else text[:width - 1].rstrip() + "…"
+
+
+def annotate_fates(rows: Sequence[Any], fates: Dict[str, str]) -> None:
+    """Give each task row its fate (``snncc.explain.task_fates``: ``row.fate``, also in the JSON) and say it
+    in the row's ``op``: why an opaque module is opaque, whether a neuron runs a built-in kernel or one
+    generated from its step code -- the same words ``snncc.explain`` prints."""
+    for r in rows:
+        fate = fates.get(r.name)
+        r.fate = fate
+        if fate is None:
+            continue
+        if r.kind == "opaque":
+            r.op = r.op.replace("(opaque)", f"({fate})") if "(opaque)" in r.op else f"{r.op} ({fate})"
+        elif r.kind == "neuron" and fate.startswith("compiled (") and fate.endswith(")"):
+            kernel = fate[len("compiled ("):-1]
+            r.op = r.op.replace(" scan", f" scan ({kernel})", 1) if " scan" in r.op else f"{r.op} ({kernel})"
 
 
 @dataclass

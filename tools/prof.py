@@ -33,7 +33,9 @@ from torch import nn
 
 import snncc
 
-from ._loader import ModelSpecError, Workload, add_workload_args, flatten_tensors, workload_from_args
+from snncc.explain import task_fates
+
+from ._loader import ModelSpecError, Workload, add_workload_args, annotate_fates, flatten_tensors, workload_from_args
 from ._taskprof import TaskProfiler, TaskRow, _loss, median_run, param_storages, profile_compiled, task_rows
 
 __all__ = ["main", "VARIANTS", "Variant", "build_variants", "compare", "chrome_trace", "layer_rows",
@@ -306,7 +308,11 @@ def layer_rows(rows: List[TaskRow]) -> List[Dict[str, Any]]:
     out: Dict[str, Dict[str, Any]] = {}
     for r in rows:
         d = out.setdefault(r.layer, {"layer": r.layer, "op": r.op, "tasks": 0, "fwd_ms": 0.0, "bwd_ms": None,
-                                     "spike_rate": None, "saved_bytes": 0, "out_bytes": 0, "_w": 0.0, "_s": 0.0})
+                                     "spike_rate": None, "saved_bytes": 0, "out_bytes": 0, "fate": None,
+                                     "_w": 0.0, "_s": 0.0})
+        fate = getattr(r, "fate", None)          # set by annotate_fates (snncc.explain's words)
+        if fate and fate not in (d["fate"] or "").split("; "):
+            d["fate"] = fate if d["fate"] is None else f"{d['fate']}; {fate}"
         d["tasks"] += 1
         d["fwd_ms"] += r.fwd_ms
         if r.bwd_ms is not None:
@@ -419,6 +425,7 @@ def _fmt(x: Optional[float], spec: str = ".2f") -> str:
 
 def print_report(console: Any, meta: Dict[str, Any], rows: List[TaskRow], layers: List[Dict[str, Any]],
                  tot: Optional[Dict[str, Any]], variants: Dict[str, Dict[str, Any]], by: str) -> None:
+    from rich.markup import escape
     from rich.table import Table
     console.print(f"[bold]snncc-prof[/bold] {meta['model']} | form={meta['form']} T={meta['T']} "
                   f"batch={meta['batch']} input={meta['input_shape']} | {meta['device']} | torch {meta['torch']} | "
@@ -434,15 +441,23 @@ def print_report(console: Any, meta: Dict[str, Any], rows: List[TaskRow], layers
             t.add_column(c, justify="left" if c in ("task", "layer", "op", "steps") else "right")
         if use_layers:
             for d in layers:
-                t.add_row(d["layer"], d["op"], str(d["tasks"]), _fmt(d["fwd_ms"], ".3f"), _fmt(d["bwd_ms"], ".3f"),
-                          _fmt(d["spike_rate"], ".3f"), _fmt_bytes(d["saved_bytes"]), _fmt_bytes(d["out_bytes"]))
+                t.add_row(escape(d["layer"]), escape(d["op"]), str(d["tasks"]), _fmt(d["fwd_ms"], ".3f"),
+                          _fmt(d["bwd_ms"], ".3f"), _fmt(d["spike_rate"], ".3f"), _fmt_bytes(d["saved_bytes"]),
+                          _fmt_bytes(d["out_bytes"]))
         else:
             for r in rows:
                 steps = "*" if r.t0 is None else (f"{r.t0}" if r.t1 - r.t0 == 1 else f"{r.t0}..{r.t1 - 1}")
-                t.add_row(r.name, r.layer, r.op, steps, f"{r.wave}/{r.lane}", _fmt(r.fwd_ms, ".3f"),
+                t.add_row(r.name, escape(r.layer), escape(r.op), steps, f"{r.wave}/{r.lane}", _fmt(r.fwd_ms, ".3f"),
                           _fmt(r.bwd_ms, ".3f"), _fmt(r.spike_rate, ".3f"), _fmt_bytes(r.saved_bytes),
                           _fmt_bytes(r.out_bytes))
         console.print(t)
+        opaque = {r.layer: r.fate for r in rows if r.kind == "opaque" and getattr(r, "fate", None)}
+        if opaque:
+            console.print("opaque modules (run as is, step by step, at eager speed):", highlight=False)
+            for layer, fate in opaque.items():
+                why = fate[len("opaque: "):] if fate.startswith("opaque: ") else fate
+                console.print(f"  {escape(layer)}: {escape(why)}",
+                              highlight=False, soft_wrap=True)
     if tot:
         bwd = "" if tot["backward_wall_ms"] is None else \
             (f" | backward {tot['backward_wall_ms']:.2f} ms wall ({tot['backward_tasks_ms']:.2f} ms in "
@@ -539,6 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       highlight=False, soft_wrap=True)
             return 1
         rows = task_rows(prof, compiled)
+        annotate_fates(rows, task_fates(cm, x))      # opaque: the reason; neurons: built-in or generated
         tot = totals(prof, rows, w.device)
         meta["tasks"] = len(rows)
         meta["waves"] = len(compiled.schedule.waves)

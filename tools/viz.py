@@ -45,11 +45,14 @@ from torch import nn
 
 import snncc
 
-from ._loader import ModelSpecError, add_workload_args, workload_from_args
+from snncc.explain import task_fates
+
+from ._loader import ModelSpecError, add_workload_args, annotate_fates, shorten, workload_from_args
 from ._taskprof import TaskRow, median_run, module_class, planned_lanes, profile_compiled, task_describe, task_rows
 
 __all__ = ["main", "find_dot", "DotMissing", "render_dot", "layer_colors", "task_dag_dot", "fx_graph_dot",
-           "snapshot_dot", "timeline_svg", "estimate_ms", "Bar", "build_page", "DOT_HELP"]
+           "snapshot_dot", "layer_fates", "task_descriptions", "timeline_svg", "estimate_ms", "Bar", "build_page",
+           "DOT_HELP"]
 
 DOT_HELP = ("graphviz's `dot` was not found: render with `dot -Tsvg FILE.dot -o FILE.svg` once it is installed "
             "(Debian/Ubuntu: `apt-get install graphviz`; macOS: `brew install graphviz`; conda: "
@@ -136,27 +139,45 @@ def _ms(x: Optional[float]) -> str:
 
 
 # --------------------------------------------------------------------------- (a) the task DAG
-def task_descriptions(tasks: Iterable[Any], root: Optional[nn.Module]) -> Dict[str, str]:
-    """Task name -> what it runs; ``'<task>#fused<j>'`` -> what its j-th fusion absorbed."""
+def task_descriptions(tasks: Iterable[Any], root: Optional[nn.Module],
+                      fates: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Task name -> what it runs; ``'<task>#fused<j>'`` -> what its j-th fusion absorbed.
+
+    With ``fates`` (``snncc.explain.task_fates``) a neuron says which kernel it runs (built-in, or generated
+    from its step code) and an opaque module why it is opaque (shortened; the tooltip has it whole)."""
     out: Dict[str, str] = {}
+    fates = fates or {}
     for t in tasks:
-        out[t.name] = task_describe(t, root)
+        out[t.name] = _with_fate(t, task_describe(t, root), fates.get(t.name))
         for j, f in enumerate(getattr(t, "fused", ())):
             out[f"{t.name}#fused{j}"] = f"{module_class(root, f.module)} ({f.kind.replace('_', ' ')})"
     return out
 
 
+def _with_fate(task: Any, text: str, fate: Optional[str]) -> str:
+    if not fate:
+        return text
+    if task.kind == "opaque":
+        return text.replace("(opaque)", f"({shorten(fate)})") if "(opaque)" in text else f"{text} ({shorten(fate)})"
+    if task.kind == "neuron" and fate.startswith("compiled (") and fate.endswith(")"):
+        kernel = fate[len("compiled ("):-1]
+        return text.replace(" scan", f" scan ({kernel})", 1) if " scan" in text else f"{text} ({kernel})"
+    return text
+
+
 def task_dag_dot(graph: nx.DiGraph, *, title: str = "", describe: Optional[Dict[str, str]] = None,
                  colors: Optional[Dict[str, str]] = None, times: Optional[Dict[str, float]] = None,
                  waves: Optional[Dict[str, int]] = None, lanes: Optional[Dict[str, int]] = None,
-                 max_steps: int = 6) -> str:
+                 max_steps: int = 6, notes: Optional[Dict[str, str]] = None) -> str:
     """DOT for a task-level graph (nodes carry ``task``; edges ``kind``): batched tasks are clusters.
 
     A batched task's cluster holds one small node per timestep (at most ``max_steps``, with an ellipsis),
     so the picture shows which timesteps run as one task. Edges between clusters attach to a middle step
-    node and are clipped at the box (``compound=true`` with ``ltail``/``lhead``).
+    node and are clipped at the box (``compound=true`` with ``ltail``/``lhead``). ``notes``: task name ->
+    text added to its tooltip (its fate: an opaque module's whole reason).
     """
     describe = describe or {}
+    notes = notes or {}
     tasks = [graph.nodes[n]["task"] for n in graph.nodes]
     colors = colors or layer_colors(t.layer for t in tasks)
     waves = waves if waves is not None else {n: d["wave"] for n, d in graph.nodes(data=True) if "wave" in d}
@@ -175,7 +196,8 @@ def task_dag_dot(graph: nx.DiGraph, *, title: str = "", describe: Optional[Dict[
         if t.name in waves:
             extra.append(f"wave {waves[t.name]}" + (f", lane {lanes[t.name]}" if t.name in lanes else ""))
         tip = f"{t.name}: {op}, {t.kind}, {_steps_text(t.t0, t.t1)}" + (f", {extra[0]}" if extra else "") + \
-            (f", {_ms(times[t.name])}" if times and t.name in times else "")
+            (f", {_ms(times[t.name])}" if times and t.name in times else "") + \
+            (f" -- {notes[t.name]}" if notes.get(t.name) else "")
         timing = _ms(times.get(t.name)) if times else ""
         fused = tuple(getattr(t, "fused", ()))          # NOTE: getattr: older IRs have no fusions
         bits = " · input kept as bits" if getattr(t, "spike_input", False) else ""
@@ -318,7 +340,7 @@ def _is_task_level(graph: nx.DiGraph) -> bool:
 
 
 def snapshot_dot(snap: Any, *, colors: Dict[str, str], layer_of: Dict[str, str], root: Optional[nn.Module] = None,
-                 max_nodes: int = 150) -> str:
+                 max_nodes: int = 150, fates: Optional[Dict[str, str]] = None) -> str:
     """DOT for one pass snapshot, task-level or fx-level."""
     g = snap.graph
     stats = ", ".join(f"{k}={v}" for k, v in snap.stats.items())
@@ -328,8 +350,9 @@ def snapshot_dot(snap: Any, *, colors: Dict[str, str], layer_of: Dict[str, str],
     if collapsed:
         title += f"\n({n} nodes > --max-nodes {max_nodes}: one node per layer)"
     if _is_task_level(g):
-        describe = task_descriptions((d["task"] for _, d in g.nodes(data=True)), root)
-        return task_dag_dot(g, title=title, describe=describe, colors=colors)
+        describe = task_descriptions((d["task"] for _, d in g.nodes(data=True)), root, fates)
+        notes = {n: (fates or {}).get(n, "") for n in g.nodes if g.nodes[n]["task"].kind in ("opaque", "neuron")}
+        return task_dag_dot(g, title=title, describe=describe, colors=colors, notes=notes)
     return fx_graph_dot(g, title=title, colors=colors, layer_of=layer_of, max_nodes=max_nodes)
 
 
@@ -505,9 +528,30 @@ def _svg_inline(src: str, dot_ok: bool) -> str:
     return svg[svg.find("<svg"):]
 
 
+def layer_fates(tg: Any, root: Optional[nn.Module], fates: Dict[str, str]) -> List[Tuple[str, str, str]]:
+    """(layer, class, fate) per layer in program order, modules fused into a task included: the table of
+    ``snncc.explain`` without the measurements."""
+    out: Dict[str, Tuple[str, List[str]]] = {}
+    for t in sorted(tg.tasks(), key=lambda t: t.order):
+        if t.kind in ("placeholder", "get_attr", "output"):
+            continue
+        cls = module_class(root, t.target) if t.kind in ("module", "neuron", "opaque") else \
+            getattr(t.target, "__name__", str(t.target))
+        entry = out.setdefault(t.layer, (cls, []))
+        fate = fates.get(t.name)
+        if fate and fate not in entry[1]:
+            entry[1].append(fate)
+        for j, f in enumerate(t.fused):
+            fe = out.setdefault(f.module, (module_class(root, f.module), []))
+            ff = fates.get(f"{t.name}#fused{j}")
+            if ff and ff not in fe[1]:
+                fe[1].append(ff)
+    return [(layer, cls, "; ".join(fs)) for layer, (cls, fs) in out.items()]
+
+
 def build_page(meta: Dict[str, Any], facts: List[Tuple[str, str]], snapshots: Sequence[Any], dag_dot: str,
                timeline: str, pass_dots: List[Tuple[str, str]], rows: List[TaskRow], colors: Dict[str, str],
-               dot_ok: bool) -> str:
+               dot_ok: bool, layers: Optional[List[Tuple[str, str, str]]] = None) -> str:
     """The self-contained HTML page (inline SVG and CSS only: it opens offline, attaches to an issue)."""
     e = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -536,6 +580,16 @@ def build_page(meta: Dict[str, Any], facts: List[Tuple[str, str]], snapshots: Se
         parts.append(f"<tr><td>{i}</td><td>{e(s.name)}</td><td>{e(stats)}</td>"
                      f"<td>{s.graph.number_of_nodes()} nodes, {s.graph.number_of_edges()} edges</td></tr>")
     parts.append("</table></div>")
+    if layers:
+        parts.append('<div class="card" style="margin-top:14px"><h2 style="margin-top:0">What became of each '
+                     'layer</h2><div class="note">as <code>snncc.explain(model, x)</code> prints it: compiled '
+                     'neurons (built-in kernel or generated from their step code), fused, batched over time, '
+                     'or opaque and why</div><table><tr><th>layer</th><th>class</th><th>fate</th></tr>')
+        for layer, cls, fate in layers:
+            sw = f'<i class="sw" style="background:{colors.get(layer, _GRAY)}"></i>'
+            style = ' style="background:#fff4e5"' if fate.startswith("opaque") else ""
+            parts.append(f"<tr{style}><td class=nw>{sw}{e(layer)}</td><td>{e(cls)}</td><td>{e(fate)}</td></tr>")
+        parts.append("</table></div>")
     parts.append('<div class="card" style="margin-top:14px"><h2 style="margin-top:0">Tasks</h2><table>'
                  "<tr><th>task</th><th>layer</th><th>op</th><th>steps</th><th>wave/lane</th><th>fwd</th>"
                  "<th>bwd</th><th>spike rate</th><th>output</th></tr>")
@@ -614,9 +668,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _say(f"{w.spec}: compiling or running the model failed: {exc}")
         return 1
     rows = task_rows(prof, compiled)
+    fates = task_fates(cm, x)                  # snncc.explain's words: kernels, fusions, opaque reasons
+    annotate_fates(rows, fates)
     root = getattr(compiled.traced, "root", None)
     tg = compiled.task_graph
-    describe = task_descriptions(tg.tasks(), root)
+    describe = task_descriptions(tg.tasks(), root, fates)
+    notes = {t.name: fates.get(t.name, "") for t in tg.tasks() if t.kind in ("opaque", "neuron")}
     wave, lane = planned_lanes(compiled.schedule)
     layer_of = layers_from_snapshots(compiled.snapshots)
     colors = layer_colors(list(layer_of.values()) + [r.layer for r in rows])     # program order first
@@ -636,9 +693,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     title = (f"{w.spec}: {len(tg)} tasks ({n_batched} batched over time), "
              f"{len(compiled.schedule.waves)} waves")
     dag = task_dag_dot(tg.graph, title=title, describe=describe, colors=colors,
-                       times=durations if measured else None, waves=wave, lanes=lane)
+                       times=durations if measured else None, waves=wave, lanes=lane, notes=notes)
     pass_dots = [(s.name, snapshot_dot(s, colors=colors, layer_of=layer_of, root=root,
-                                       max_nodes=args.max_nodes)) for s in compiled.snapshots]
+                                       max_nodes=args.max_nodes, fates=fates)) for s in compiled.snapshots]
     dot_ok = find_dot() is not None
     if ext in (".html", ".htm"):
         edges = {k: sum(1 for _ in tg.edges(k)) for k in ("data", "state", "order")}
@@ -658,7 +715,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "one stream" + ("; the measured rows show one real run as it happened, the median of the "
                                                   "profiled runs (gaps: executor and profiler work between "
                                                   "tasks)" if measured else "")}
-        page = build_page(meta, facts, compiled.snapshots, dag, timeline, pass_dots, rows, colors, dot_ok)
+        page = build_page(meta, facts, compiled.snapshots, dag, timeline, pass_dots, rows, colors, dot_ok,
+                          layers=layer_fates(tg, root, fates))
         with open(out, "w", encoding="utf-8") as f:
             f.write(page)
         _say(f"wrote {out}" + ("" if dot_ok else f" (graphs as DOT text: {DOT_HELP})"))

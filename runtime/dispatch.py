@@ -1,0 +1,185 @@
+"""Backends claim neuron scans: the dispatcher asks them in priority order (cuda, cpu, reference).
+
+Each backend is a :class:`Backend` with a checker (``claims_*``: can it run this scan on these tensors?)
+and an implementation (``scan_*``), as Lightning Thunder's executors register theirs. A backend whose
+library is missing is simply absent: ``cuda`` is listed only when ``runtime.cuda`` imports (it imports
+CuPy lazily, at the first launch), ``cpu`` claims nothing without a C compiler, and ``reference`` (plain
+torch, any device) claims everything: it is the fallback and the oracle the others are tested against.
+
+Two kinds of scan: a built-in spec's (:class:`~snncc.neurons.NeuronSpec`, hand-tuned kernels with their
+fusions) and a lifted neuron's (its own step code, :mod:`snncc.lift`; kernels generated from the IR).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from snncc.neurons import NeuronSpec
+from . import cpu, cpu_ir, reference
+
+__all__ = ["Backend", "BACKENDS", "neuron_scan", "lifted_neuron_scan", "backend_for"]
+
+Result = Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A target's claim on neuron scans (checker + implementation for each kind of scan)."""
+
+    name: str
+    claims_spec: Callable[..., bool]
+    scan_spec: Callable[..., Result]
+    claims_lifted: Callable[..., bool]
+    scan_lifted: Callable[..., Result]
+
+
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _plif_w(spec: NeuronSpec, params: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    return params[0] if spec.kind == "plif" and len(params) == 1 else None
+
+
+# ----------------------------------------------------------------------------- cuda
+def _cuda_backend() -> Optional[Backend]:
+    try:
+        from . import cuda
+    except ImportError:
+        return None
+
+    def claims_spec(spec: NeuronSpec, x: torch.Tensor, state: Any, params: Sequence[torch.Tensor], **kw: Any) -> bool:
+        w = _plif_w(spec, params)
+        v0 = None if state is None else state[0]
+        return x.is_cuda and cuda.supports(spec, x, v0, w) and (w is None or w.numel() == 1)
+
+    def scan_spec(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool, state: Any,
+                  params: Sequence[torch.Tensor], pool: Optional[int] = None, h_dtype: Any = None,
+                  recompute: bool = False, pool_cf: bool = False) -> Result:
+        from .cuda.launch import cuda_scan       # imports cupy: only when a CUDA scan actually runs
+        if recompute:
+            _warn_once("snncc: memory='min' is not implemented by the CUDA kernels yet; they keep H for "
+                       "backward as memory='default' does (same results, more memory).")
+        v0 = None if state is None else state[0]
+        spikes, v = cuda_scan(spec, x, K, broadcast, v0, _plif_w(spec, params), pool, h_dtype)
+        return spikes, (v,)
+
+    def claims_lifted(lifted: Any, x: torch.Tensor, **kw: Any) -> bool:
+        if not x.is_cuda:
+            return False
+        try:
+            from .cuda.ir_scan import cuda_supports_ir
+        except ImportError:
+            return False
+        return cuda_supports_ir(lifted.first, lifted.steady, x) is None
+
+    def scan_lifted(lifted: Any, x: torch.Tensor, K: int, broadcast: bool, state: Any, params: Any) -> Result:
+        from .cuda.ir_scan import cuda_ir_scan
+        return cuda_ir_scan(lifted.first, lifted.steady, x, K, broadcast, state, params)
+
+    return Backend("cuda", claims_spec, scan_spec, claims_lifted, scan_lifted)
+
+
+# ----------------------------------------------------------------------------- cpu (C/OpenMP)
+def _cpu_claims_spec(spec: NeuronSpec, x: torch.Tensor, state: Any, params: Sequence[torch.Tensor],
+                     **kw: Any) -> bool:
+    w = _plif_w(spec, params)
+    v0 = None if state is None else state[0]
+    return cpu.supports(spec, x, v0, w) and (w is None or w.numel() == 1)
+
+
+def _cpu_scan_spec(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool, state: Any,
+                   params: Sequence[torch.Tensor], pool: Optional[int] = None, h_dtype: Any = None,
+                   recompute: bool = False, pool_cf: bool = False) -> Result:
+    v0 = None if state is None else state[0]
+    spikes, v = cpu.c_scan(spec, x, K, broadcast, v0, _plif_w(spec, params), pool, h_dtype, recompute, pool_cf)
+    return spikes, (v,)
+
+
+def _cpu_claims_lifted(lifted: Any, x: torch.Tensor, **kw: Any) -> bool:
+    return x.device.type == "cpu" and cpu_ir.c_supports_ir(lifted.first, lifted.steady) is None
+
+
+def _cpu_scan_lifted(lifted: Any, x: torch.Tensor, K: int, broadcast: bool, state: Any, params: Any) -> Any:
+    return cpu_ir.ir_c_scan(lifted.first, lifted.steady, x, K, broadcast, state, params)
+
+
+# ----------------------------------------------------------------------------- reference (torch)
+def _ref_scan_spec(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool, state: Any,
+                   params: Sequence[torch.Tensor], pool: Optional[int] = None, h_dtype: Any = None,
+                   recompute: bool = False, pool_cf: bool = False) -> Result:
+    return reference.neuron_scan(spec, x, K, broadcast, state, params, pool=pool)
+
+
+def _ref_scan_lifted(lifted: Any, x: torch.Tensor, K: int, broadcast: bool, state: Any, params: Any) -> Result:
+    return reference.lifted_scan(lifted.first, lifted.steady, x, K, broadcast, state, params)
+
+
+def _always(*a: Any, **k: Any) -> bool:
+    return True
+
+
+def _backends() -> List[Backend]:
+    out = [b for b in (_cuda_backend(),) if b is not None]
+    out.append(Backend("cpu", _cpu_claims_spec, _cpu_scan_spec, _cpu_claims_lifted, _cpu_scan_lifted))
+    out.append(Backend("reference", _always, _ref_scan_spec, _always, _ref_scan_lifted))
+    return out
+
+
+#: the backends in the order they are asked
+BACKENDS: List[Backend] = _backends()
+
+
+def backend_for(kind: str, *args: Any, **kwargs: Any) -> Backend:
+    """The first backend that claims a ``"spec"`` or ``"lifted"`` scan of these arguments."""
+    for b in BACKENDS:
+        if (b.claims_spec if kind == "spec" else b.claims_lifted)(*args, **kwargs):
+            return b
+    raise AssertionError("the reference backend claims every scan")
+
+
+# ----------------------------------------------------------------------------- entry points
+def neuron_scan(spec: NeuronSpec, x: torch.Tensor, K: int, broadcast: bool,
+                state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
+                pool: Optional[int] = None, h_dtype: Optional[torch.dtype] = None, recompute: bool = False,
+                pool_cf: bool = False) -> Result:
+    """A built-in neuron layer over K steps on the first backend that claims it. ``x`` is ``[K, *S]`` (or
+    ``[*S]`` fed at every step when ``broadcast``); ``state`` None means the reset state. Returns spikes
+    ``[K, *S]`` and the final state.
+
+    ``pool=k``: the spikes' k x k max pool (stride k, no padding) is returned instead, ``[K, N, C, H/k,
+    W/k]``: fused into the kernel when it runs, ``F.max_pool2d`` after the scan otherwise. ``h_dtype``:
+    the dtype H is kept in for backward by the C kernel (float16 = ``memory="half"``); ``recompute``: the
+    C kernel keeps only its input and initial V and reruns the forward in backward (``memory="min"``).
+    """
+    if x.dtype in (torch.float16, torch.bfloat16) and backend_for("spec", spec, x, state, params).name != "cuda":
+        # NOTE: AMP (autocast gives the neurons half-precision input): the state is kept in float32, as the
+        # CUDA kernels do, so V does not lose the small increments a half-precision sum rounds away; spikes
+        # (exactly 0/1) go back in the input's dtype and the gradient back to it through autograd.
+        st = None if state is None else tuple(s.float() for s in state)
+        spikes, out_state = neuron_scan(spec, x.float(), K, broadcast, st, params, pool, h_dtype, recompute,
+                                        pool_cf)
+        return spikes.to(x.dtype), out_state
+    b = backend_for("spec", spec, x, state, params)
+    return b.scan_spec(spec, x, K, broadcast, state, params, pool=pool, h_dtype=h_dtype, recompute=recompute,
+                       pool_cf=pool_cf)
+
+
+def lifted_neuron_scan(lifted: Any, x: torch.Tensor, K: int, broadcast: bool,
+                       state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor]) -> Result:
+    """A lifted neuron (:class:`snncc.lift.Lifted`) over K steps on the first backend that claims it:
+    ``(outputs [K, *S], final states)``."""
+    b = backend_for("lifted", lifted, x)
+    res = b.scan_lifted(lifted, x, K, broadcast, state, params)
+    if res is None:                 # a backend may decline at run time (a dtype it does not generate)
+        res = _ref_scan_lifted(lifted, x, K, broadcast, state, params)
+    return res
