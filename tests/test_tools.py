@@ -6,6 +6,8 @@ timings here are only checked to be numbers, never compared (tests do not measur
 """
 from __future__ import annotations
 
+import html
+import html
 import html.parser
 import json
 import os
@@ -26,6 +28,8 @@ from conftest import requires_spikingjelly
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSNN = os.path.join(ROOT, "examples", "csnn.py")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "tool_models.py")
+EXPLAIN = os.path.join(ROOT, "tests", "fixtures", "explain_models.py")
+EXPLAIN = os.path.join(ROOT, "tests", "fixtures", "explain_models.py")
 STEP = [f"{CSNN}:StepCSNN", "--kw", "size=8", "--input-shape", "3,8,8", "--batch", "2", "-T", "3",
         "--input-scale", "4"]
 requires_dot = pytest.mark.skipif(viz.find_dot() is None, reason="graphviz's dot is not installed")
@@ -308,3 +312,117 @@ def test_console_script_prof(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(js.read_text())
     assert rep["variants"] == {} and rep["tasks"] and "forward" in proc.stdout
+
+
+# --------------------------------------------------------------------------- the reasons (snncc.explain's words)
+def _moody_reason() -> str:
+    import sys
+    sys.path.insert(0, os.path.dirname(EXPLAIN))
+    import explain_models
+    from snncc.recognize import bind
+    reason = bind(explain_models.MoodyNeuron()).reason
+    assert reason
+    return reason
+
+
+def _mlp(name: str) -> List[str]:
+    return [f"{EXPLAIN}:{name}", "--input-shape", "8", "--batch", "2", "-T", "3", "--input-scale", "3"]
+
+
+@pytest.mark.filterwarnings("ignore::snncc.frontend.OpaqueModuleWarning")
+def test_prof_prints_why_a_module_is_opaque(tmp_path, capsys):
+    reason = _moody_reason()
+    js = tmp_path / "p.json"
+    assert prof.main(_mlp("moody_mlp") + ["--compare", "none", "--steps", "1", "--warmup", "0", "--by", "task",
+                                          "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "opaque modules" in out and f"1: {reason}" in out
+    assert "(opaque)" not in out
+    rep = json.loads(js.read_text())
+    opaque = [r for r in rep["tasks"] if r["kind"] == "opaque"]
+    assert len(opaque) == 3
+    for r in opaque:
+        assert r["fate"] == f"opaque: {reason}" and f"(opaque: {reason})" in r["op"]
+    neuron = [r for r in rep["tasks"] if r["kind"] == "neuron"]
+    assert neuron and all(r["fate"] == "compiled (built-in LIF kernel)" and "built-in LIF kernel" in r["op"]
+                          for r in neuron)
+    layers = {d["layer"]: d for d in rep["layers"]}
+    assert layers["1"]["fate"] == f"opaque: {reason}"
+
+
+@pytest.mark.filterwarnings("ignore::snncc.frontend.OpaqueModuleWarning")
+def test_viz_labels_opaque_reasons_and_neuron_kernels(tmp_path):
+    reason = _moody_reason()
+    dot = tmp_path / "m.dot"
+    assert viz.main(_mlp("moody_mlp") + ["-o", str(dot), "--time", "estimated"]) == 0
+    src = dot.read_text()
+    assert "MoodyNeuron (opaque)" in src
+    assert src.count(f"opaque: {reason}") == 3, "every opaque task's tooltip has the whole reason"
+    assert reason.split()[0] in src.split("tooltip")[0] or "data-dependent" in src    # drawn under its label
+    assert "LIF scan (built-in LIF kernel)" in src
+    dot2 = tmp_path / "u.dot"
+    assert viz.main(_mlp("user_mlp") + ["-o", str(dot2), "--time", "estimated"]) == 0
+    src2 = dot2.read_text()
+    assert "UserLIF scan (generated from its step code)" in src2 and "LIF scan (built-in LIF kernel)" in src2
+    page = tmp_path / "m.html"
+    assert viz.main(_mlp("moody_mlp") + ["-o", str(page), "--time", "estimated"]) == 0
+    text = page.read_text()
+    assert "What became of each layer" in text and html.escape(f"opaque: {reason}", quote=False) in text
+
+
+# --------------------------------------------------------------------------- the reasons (snncc.explain's words)
+def _moody_reason() -> str:
+    import sys
+    sys.path.insert(0, os.path.dirname(EXPLAIN))
+    import explain_models
+    from snncc.recognize import bind
+    reason = bind(explain_models.MoodyNeuron()).reason
+    assert reason
+    return reason
+
+
+def _mlp(name: str) -> List[str]:
+    return [f"{EXPLAIN}:{name}", "--input-shape", "8", "--batch", "2", "-T", "3", "--input-scale", "3"]
+
+
+@pytest.mark.filterwarnings("ignore::snncc.frontend.OpaqueModuleWarning")
+def test_prof_prints_why_a_module_is_opaque(tmp_path, capsys):
+    reason = _moody_reason()
+    js = tmp_path / "p.json"
+    assert prof.main(_mlp("moody_mlp") + ["--compare", "none", "--steps", "1", "--warmup", "0", "--by", "task",
+                                          "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "opaque modules" in out and f"1: {reason}" in out
+    assert "(opaque)" not in out
+    rep = json.loads(js.read_text())
+    opaque = [r for r in rep["tasks"] if r["kind"] == "opaque"]
+    assert len(opaque) == 3
+    for r in opaque:
+        assert r["fate"] == f"opaque: {reason}" and f"(opaque: {reason})" in r["op"]
+    neuron = [r for r in rep["tasks"] if r["kind"] == "neuron"]
+    assert neuron and all(r["fate"] == "compiled (built-in LIF kernel)" and "built-in LIF kernel" in r["op"]
+                          for r in neuron)
+    layers = {d["layer"]: d for d in rep["layers"]}
+    assert layers["1"]["fate"] == f"opaque: {reason}"
+
+
+@pytest.mark.filterwarnings("ignore::snncc.frontend.OpaqueModuleWarning")
+def test_viz_labels_opaque_reasons_and_neuron_kernels(tmp_path):
+    reason = _moody_reason()
+    dot = tmp_path / "m.dot"
+    assert viz.main(_mlp("moody_mlp") + ["-o", str(dot), "--time", "estimated"]) == 0
+    src = dot.read_text()
+    assert src.count(f"opaque: {reason}") == 3, "every opaque task's tooltip has the whole reason"
+    labels = [line.split("tooltip=")[0] for line in src.splitlines() if "MoodyNeuron (opaque)" in line]
+    first_words = " ".join(reason.split()[:3])
+    assert len(labels) == 3 and sum(first_words in lab for lab in labels) == 1, \
+        "the reason is drawn under the first step's label"
+    assert "LIF scan (built-in LIF kernel)" in src
+    dot2 = tmp_path / "u.dot"
+    assert viz.main(_mlp("user_mlp") + ["-o", str(dot2), "--time", "estimated"]) == 0
+    src2 = dot2.read_text()
+    assert "UserLIF scan (generated from its step code)" in src2 and "LIF scan (built-in LIF kernel)" in src2
+    page = tmp_path / "m.html"
+    assert viz.main(_mlp("moody_mlp") + ["-o", str(page), "--time", "estimated"]) == 0
+    text = page.read_text()
+    assert "What became of each layer" in text and html.escape(f"opaque: {reason}", quote=False) in text
