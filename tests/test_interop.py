@@ -188,12 +188,18 @@ def test_sj_opaque_surrogates(surrogate_name):
 
 @requires_spikingjelly
 def test_sj_mapped_surrogate_is_recognized():
-    """IF/LIF/PLIF nodes with Sigmoid/ATan/Erf compile to neuron scans; PiecewiseQuadratic stays opaque."""
+    """Surrogates are recognized by their derivative, not their class: Sigmoid/ATan/Erf map to snncc's;
+    PiecewiseQuadratic(alpha=1) *is* Esser's piecewise linear, SoftSign(alpha=2) is SuperSpike(2); a
+    surrogate with no snncc formula (PiecewiseExp) keeps the user's callable (its own backward)."""
     from snncc.frontend import bind_neuron
     assert bind_neuron(sj_node("LIFNode", "ATan")).spec.surrogate.name == "atan"
     assert bind_neuron(sj_node("IFNode", "Sigmoid")).spec.surrogate.name == "sigmoid"
     assert bind_neuron(sj_node("ParametricLIFNode", "Erf")).spec.surrogate.name == "erf"
-    assert bind_neuron(sj_node("LIFNode", "PiecewiseQuadratic")).spec.surrogate.opaque
+    pq = bind_neuron(sj_node("LIFNode", "PiecewiseQuadratic")).spec.surrogate
+    assert (pq.name, pq.alpha) == ("piecewise_linear", 1.0)
+    ss = bind_neuron(sj_node("LIFNode", "SoftSign")).spec.surrogate
+    assert (ss.name, ss.alpha) == ("superspike", 2.0)
+    assert bind_neuron(sj_node("LIFNode", "PiecewiseExp")).spec.surrogate.opaque
 
 
 @requires_spikingjelly
