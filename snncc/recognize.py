@@ -28,7 +28,9 @@ from torch import nn
 
 from .lift import Lifted, LiftFailure, _get_state, _probe_inputs, _reset, lift_neuron, restore_attrs, \
     snapshot_attrs
+from .lift import known_surrogate
 from .neurons import BaseNeuron, NeuronSpec, initial_state, step
+from .surrogate import SurrogateSpec, plain_step_surrogate
 
 __all__ = ["NeuronBinding", "Recognition", "bind", "config_key", "LiftedSteps"]
 
@@ -152,6 +154,11 @@ def _recognize(m: nn.Module) -> Recognition:
     try:
         lifted = lift_neuron(m, dtype if dtype in (torch.float32, torch.float64) else torch.float32)
     except LiftFailure as exc:
+        # NOTE: a step snncc cannot see into (SpikingJelly 0.0.0.0.14 runs TorchScript functions) may still
+        # behave exactly like a built-in spec: its attributes name the candidate, a probe run decides
+        spec_b = _builtin(m, None)
+        if spec_b is not None:
+            return Recognition(NeuronBinding(spec_b[0], spec_b[1], "v"))
         return Recognition(None, str(exc))
     steps = LiftedSteps(lifted)
     spec_b = _builtin(m, lifted)
@@ -161,17 +168,38 @@ def _recognize(m: nn.Module) -> Recognition:
 
 
 # ----------------------------------------------------------------------------- built-in specs by behaviour
-def _candidates(m: nn.Module, lifted: Lifted) -> List[Tuple[NeuronSpec, Tuple[str, ...]]]:
+def _surrogate_of(m: nn.Module) -> Optional[SurrogateSpec]:
+    """The module's ``surrogate_function`` as a spec: a known formula when its derivative is one (probed),
+    else the callable itself if it is a plain spike function."""
+    fn = getattr(m, "surrogate_function", None)
+    if not callable(fn):
+        return None
+    spec = getattr(fn, "spec", None)
+    if isinstance(spec, SurrogateSpec):
+        return spec
+    alpha = getattr(fn, "alpha", None)
+    known = known_surrogate(fn, [float(alpha)] if isinstance(alpha, (int, float)) else [])
+    if known is not None:
+        return known
+    return SurrogateSpec("callable", 1.0, fn) if plain_step_surrogate(fn) else None
+
+
+def _candidates(m: nn.Module, lifted: Optional[Lifted]) -> List[Tuple[NeuronSpec, Tuple[str, ...]]]:
     """Built-in specs the module's attributes suggest (to be confirmed by running both)."""
-    if len(lifted.state_attrs) != 1 or len(lifted.steady.spike_ops) != 1:
+    if lifted is not None and (len(lifted.state_attrs) != 1 or len(lifted.steady.spike_ops) != 1):
         return []
     vth, vr = getattr(m, "v_threshold", None), getattr(m, "v_reset", 0.0)
     det = getattr(m, "detach_reset", False)
     if not isinstance(vth, float) or not (vr is None or isinstance(vr, float)) or not isinstance(det, bool):
         return []
-    sur = lifted.steady.surrogates[0]
-    if lifted.steady.spike_ops[0].attr("strict"):
-        return []
+    if lifted is not None:
+        sur = lifted.steady.surrogates[0]
+        if lifted.steady.spike_ops[0].attr("strict"):
+            return []
+    else:
+        sur = _surrogate_of(m)
+        if sur is None or not isinstance(vars(m).get("_memories"), dict) or "v" not in m._memories:
+            return []
     common = dict(surrogate=sur, v_threshold=vth, v_reset=vr, detach_reset=det)
     out: List[Tuple[NeuronSpec, Tuple[str, ...]]] = []
     di = getattr(m, "decay_input", True)
@@ -188,12 +216,13 @@ def _candidates(m: nn.Module, lifted: Lifted) -> List[Tuple[NeuronSpec, Tuple[st
     return out
 
 
-def _builtin(m: nn.Module, lifted: Lifted) -> Optional[Tuple[NeuronSpec, Tuple[str, ...]]]:
+def _builtin(m: nn.Module, lifted: Optional[Lifted]) -> Optional[Tuple[NeuronSpec, Tuple[str, ...]]]:
     snap = snapshot_attrs(m)
+    attr = lifted.state_attrs[0] if lifted is not None else "v"
     try:
         with torch.random.fork_rng(devices=[]):
             for spec, pnames in _candidates(m, lifted):
-                if _behaves_like(m, lifted.state_attrs[0], spec, pnames):
+                if _behaves_like(m, attr, spec, pnames):
                     return spec, pnames
     finally:
         restore_attrs(m, snap)

@@ -51,7 +51,7 @@ if not INNER:
         version = importlib.metadata.version("spikingjelly")
         assert version.split(".")[0] == "2", f"spikingjelly {version} in the environment, expected 2.x"
 
-    N_INNER = 3     # the test_inner_* tests below
+    N_INNER = 4     # the test_inner_* tests below
 
     def test_sj014_csnn_compiled_matches_eager():
         """A SpikingJelly 0.0.0.0.14 CSNN, compiled == eager, in a subprocess that imports 0.0.0.0.14."""
@@ -108,6 +108,16 @@ else:
         """Train mode, float64: identical spikes, parameter/input grads and BN running stats close, two calls
         (each from the reset state)."""
         assert_same_training(CSNN014, _x(), T=4, calls=2)
+
+    def test_inner_neurons_bind_to_builtin_kernels():
+        """0.0.0.0.14's nodes run TorchScript snncc cannot record; they are still compiled, because they behave
+        exactly like the built-in IF / LIF / ParametricLIF specs (probe comparison)."""
+        from snncc.recognize import bind
+        m = CSNN014()
+        for mode in ("train", "eval"):
+            getattr(m, mode)()
+            hows = [bind(getattr(m, n)).binding.how for n in ("sn1", "sn2", "sn3")]
+            assert hows == ["builtin:if", "builtin:lif", "builtin:plif"], (mode, hows)
 
     def test_inner_csnn_eval_compiled_matches_eager():
         def factory():
