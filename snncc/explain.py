@@ -192,7 +192,7 @@ class Explanation:
 
     def __str__(self) -> str:
         form = {"static": f"T={self.T}, the input fed at every step", "sequence": f"T={self.T}, sequence input",
-                "loop": "the model's own loop over time"}.get(self.form, self.form)
+                "loop": f"the model's own loop over time, T={self.T}"}.get(self.form, self.form)
         shapes = ", ".join("x".join(map(str, s)) + f" {d}" for s, d in self.inputs)
         head = [f"snncc.explain: {self.model} ({form}; input {shapes}; "
                 f"{'training' if self.training else 'eval'} mode)"]
@@ -221,7 +221,7 @@ class Explanation:
             kinds.append(f"{n['lifted']} generated from step code")
         summary = (f"{n.get('compiled_neurons', 0)} neuron(s) compiled" + (f" ({', '.join(kinds)})" if kinds else "")
                    + f", {n.get('opaque_modules', 0)} opaque module(s), {n.get('fused', 0)} fused, "
-                   f"{n.get('batched', 0)} batched over time, {n.get('tasks', 0)} tasks")
+                   f"{n.get('batched', 0)} layer(s) batched over time, {n.get('tasks', 0)} tasks")
         lines.append(summary)
         if self.saved_bytes is not None:
             extra = f" ({_fmt_bytes(self.saved_unattributed)} outside any task)" if self.saved_unattributed else ""
@@ -424,6 +424,7 @@ def _layers(compiled: Any, executor: Any, prof: Any, rec: Any, measured: bool) -
 
 
 def _counts(compiled: Any, layers: List[Layer]) -> Dict[str, int]:
+    """Layers by fate (a layer split into chunks counts once), and the number of tasks."""
     tasks = [t for t in compiled.task_graph.tasks()]
     neurons = [r for r in layers if r.kind == "neuron"]
     return {"layers": len(layers),
@@ -431,9 +432,9 @@ def _counts(compiled: Any, layers: List[Layer]) -> Dict[str, int]:
             "builtin": sum(1 for r in neurons if (r.kernel or "").startswith("builtin:")),
             "lifted": sum(1 for r in neurons if r.kernel == "lifted"),
             "opaque_modules": sum(1 for r in layers if r.kind == "opaque"),
-            "fused": sum(len(t.fused) for t in tasks),
-            "batched": sum(1 for t in tasks if t.batched and t.kind not in _SKIP_KINDS),
-            "bitpacked": sum(1 for t in tasks if t.spike_input),
+            "fused": sum(1 for r in layers if r.kind == "fused"),
+            "batched": sum(1 for r in layers if "batched over time" in r.fate),
+            "bitpacked": sum(1 for r in layers if "bit-packed input" in r.fate),
             "tasks": len(tasks)}
 
 
@@ -464,25 +465,28 @@ def explain(model: nn.Module, *example_inputs: Any, T: Optional[int] = None, seq
         raise TypeError(f"snncc.explain expects an nn.Module or a CompiledModule, got {type(model).__name__}")
     eager = cm.model
     inputs = tuple(example_inputs)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with _preserved(eager, inputs):
-            compiled, executor = _specialization(cm, inputs)
-            prof = _observer(param_storages(eager))
-            grad = cm.training and torch.is_grad_enabled()
-            rec = prof.begin()
-            try:
-                with torch.set_grad_enabled(grad), cm.observing(prof), \
-                        torch.autograd.graph.saved_tensors_hooks(prof.pack, prof.unpack):
-                    out = cm(*inputs)
-            finally:
-                prof.end()
-            needs_grad = grad and any(isinstance(t, torch.Tensor) and t.requires_grad for t in _flat(out))
-            del out                                  # frees the autograd graph: nothing reaches .grad
-            # the specialization that ran (chunk="auto" may rebuild it after the first call)
-            compiled, executor = _specialization(cm, inputs)
-    for w in caught:                             # still shown, under the user's filters
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    caught: List[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with _preserved(eager, inputs):
+                # NOTE: the specialization that runs now is the one explained (with chunk="auto", later
+                # calls may run a rebuilt, chunked one: same values, other tasks)
+                compiled, executor = _specialization(cm, inputs)
+                prof = _observer(param_storages(eager))
+                grad = cm.training and torch.is_grad_enabled()
+                rec = prof.begin()
+                try:
+                    with torch.set_grad_enabled(grad), cm.observing(prof), \
+                            torch.autograd.graph.saved_tensors_hooks(prof.pack, prof.unpack):
+                        out = cm(*inputs)
+                finally:
+                    prof.end()
+                needs_grad = grad and any(isinstance(t, torch.Tensor) and t.requires_grad for t in _flat(out))
+                del out                              # frees the autograd graph: nothing reaches .grad
+    finally:
+        for w in caught:                         # still shown, under the user's filters
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     measured = bool(needs_grad)
     layers = _layers(compiled, executor, prof, rec, measured)
     opaque = {r.qualname: r.reason or "" for r in layers if r.kind == "opaque"}

@@ -43,7 +43,8 @@ def test_builtin_lif_is_compiled_with_its_kernel():
         row = e.layer(q)
         assert row.cls == "LIF" and row.kind == "neuron" and row.kernel == "builtin:lif"
         assert row.fate == "compiled (built-in LIF kernel)"
-    assert e.layer("0").cls == "Linear" and e.layer("0").fate == "hoisted: runs once (its input is the same at every step)"
+    assert e.layer("0").cls == "Linear"
+    assert e.layer("0").fate == "hoisted: runs once (its input is the same at every step)"
     assert "batched over time" in e.layer("2").fate and "bit-packed input" in e.layer("2").fate
     assert e.opaque == {}
     assert e.counts["compiled_neurons"] == 2 and e.counts["builtin"] == 2 and e.counts["lifted"] == 0
@@ -225,3 +226,30 @@ def test_model_is_left_as_it_was(factory):
     b = [reference(x) for _ in range(T)]
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+
+
+def test_chunks_and_the_models_own_loop():
+    """A layer split into chunks is one row (rates over all its chunks); a model that loops itself works."""
+    torch.manual_seed(0)
+    model = em.user_mlp().double()
+    x = _x(n=6, scale=2.0, dtype=torch.float64)
+    whole = snncc.explain(model, x, T=T)
+    chunked = snncc.explain(model, x, T=T, chunk=2)
+    assert chunked.layer("1").tasks == 2 and whole.layer("1").tasks == 1
+    assert chunked.counts["compiled_neurons"] == 2 and chunked.counts["tasks"] > whole.counts["tasks"]
+    for q in ("1", "3"):
+        assert chunked.layer(q).spike_rate == pytest.approx(whole.layer(q).spike_rate, abs=1e-12)
+
+    class Looping(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            snncc.reset(self.net)
+            return torch.stack([self.net(x) for _ in range(T)]).mean(0)
+
+    e = snncc.explain(Looping(model), x)
+    assert e.form == "loop" and e.T == T
+    assert e.layer("net.1").fate == "compiled (generated from its step code)"
+    assert e.layer("net.1").spike_rate == pytest.approx(whole.layer("1").spike_rate, abs=1e-12)

@@ -211,7 +211,12 @@ def eager_forward(model: nn.Module, form: str, T: Optional[int]) -> Callable[[to
 
 def shorten(text: str, width: int = 48) -> str:
     """``text`` cut to ``width`` characters with an ellipsis (picture labels; tooltips keep the whole)."""
-    return text if len(text) <= width else text[:width - 1].rstrip() + "…"
+    if len(text) <= width:
+        return text
+    cut = text[:width - 1]
+    if " " in cut[width // 2:]:
+        cut = cut[:cut.rindex(" ")]
+    return cut.rstrip(" ,;:(") + "…"
 
 
 def annotate_fates(rows: Sequence[Any], fates: Dict[str, str]) -> None:

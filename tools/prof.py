@@ -7,7 +7,9 @@
    forward and backward time, spike rate, bytes saved for backward and bytes of its output; totals and
    peak memory (``torch.cuda.max_memory_allocated`` on CUDA; on CPU, which has no allocator peak counter,
    the activation bytes -- saved for backward + task outputs -- and the process's max RSS, each labelled).
-   How each number is measured: ``snncc.tools._taskprof``.
+   How each number is measured: ``snncc.tools._taskprof``. Each task's ``op`` says what ``snncc.explain``
+   says of it: the kernel a neuron runs (built-in, or generated from its step code) and, for a module run
+   opaque, why (also listed under the table, and as ``fate`` in the JSON's tasks and layers).
 2. ``--compare``: runs the variants side by side, interleaved (every repetition runs each variant once),
    and reports medians of a training step (forward + backward of a stand-in loss; no optimizer, so every
    variant keeps the same weights) and of inference (``eval()``, ``no_grad``), with ratios to eager.
@@ -309,10 +311,11 @@ def layer_rows(rows: List[TaskRow]) -> List[Dict[str, Any]]:
     for r in rows:
         d = out.setdefault(r.layer, {"layer": r.layer, "op": r.op, "tasks": 0, "fwd_ms": 0.0, "bwd_ms": None,
                                      "spike_rate": None, "saved_bytes": 0, "out_bytes": 0, "fate": None,
-                                     "_w": 0.0, "_s": 0.0})
+                                     "_w": 0.0, "_s": 0.0, "_f": []})
         fate = getattr(r, "fate", None)          # set by annotate_fates (snncc.explain's words)
-        if fate and fate not in (d["fate"] or "").split("; "):
-            d["fate"] = fate if d["fate"] is None else f"{d['fate']}; {fate}"
+        if fate and fate not in d["_f"]:
+            d["_f"].append(fate)
+            d["fate"] = "; ".join(d["_f"])
         d["tasks"] += 1
         d["fwd_ms"] += r.fwd_ms
         if r.bwd_ms is not None:
@@ -326,7 +329,7 @@ def layer_rows(rows: List[TaskRow]) -> List[Dict[str, Any]]:
     for d in out.values():
         if d["_w"]:
             d["spike_rate"] = d["_s"] / d["_w"]
-        del d["_w"], d["_s"]
+        del d["_w"], d["_s"], d["_f"]
     return list(out.values())
 
 
@@ -445,9 +448,14 @@ def print_report(console: Any, meta: Dict[str, Any], rows: List[TaskRow], layers
                           _fmt(d["bwd_ms"], ".3f"), _fmt(d["spike_rate"], ".3f"), _fmt_bytes(d["saved_bytes"]),
                           _fmt_bytes(d["out_bytes"]))
         else:
+            said: set = set()
             for r in rows:
                 steps = "*" if r.t0 is None else (f"{r.t0}" if r.t1 - r.t0 == 1 else f"{r.t0}..{r.t1 - 1}")
-                t.add_row(r.name, escape(r.layer), escape(r.op), steps, f"{r.wave}/{r.lane}", _fmt(r.fwd_ms, ".3f"),
+                op = r.op
+                if r.kind == "opaque" and getattr(r, "fate", None):      # the reason once per layer
+                    op = op if r.layer not in said else op.replace(f"({r.fate})", "(opaque: reason above)")
+                    said.add(r.layer)
+                t.add_row(r.name, escape(r.layer), escape(op), steps, f"{r.wave}/{r.lane}", _fmt(r.fwd_ms, ".3f"),
                           _fmt(r.bwd_ms, ".3f"), _fmt(r.spike_rate, ".3f"), _fmt_bytes(r.saved_bytes),
                           _fmt_bytes(r.out_bytes))
         console.print(t)

@@ -13,7 +13,10 @@ The output's extension picks the format:
 (a) Task DAG: one node per task, coloured by layer; a task that runs several timesteps at once (batched
     over time, or a neuron scan) is a box around its timesteps -- what runs as one kernel is boxed. Edges:
     data (solid), state (dashed red: a layer's chunk after its previous chunk), order (dotted: random draws
-    and opaque modules keep eager's order).
+    and opaque modules keep eager's order). A neuron says which kernel it runs (built-in, or generated from
+    its step code); an opaque module (orange border) says why it is opaque under its first step's label
+    (the tooltip has the whole reason). The page's "What became of each layer" table is ``snncc.explain``'s
+    fate column.
 (b) Timeline: lanes are the *planned* streams (task i of a wave -> lane i; the CPU runtime runs one
     stream), bars are tasks, x is measured time (``--time measured``, default: medians of ``--repeat`` runs
     timed through the executor's task hook) or an estimate from shapes (``--time estimated``); the picture
@@ -144,7 +147,7 @@ def task_descriptions(tasks: Iterable[Any], root: Optional[nn.Module],
     """Task name -> what it runs; ``'<task>#fused<j>'`` -> what its j-th fusion absorbed.
 
     With ``fates`` (``snncc.explain.task_fates``) a neuron says which kernel it runs (built-in, or generated
-    from its step code) and an opaque module why it is opaque (shortened; the tooltip has it whole)."""
+    from its step code); an opaque module's reason is drawn by ``task_dag_dot`` from its ``notes``."""
     out: Dict[str, str] = {}
     fates = fates or {}
     for t in tasks:
@@ -157,8 +160,8 @@ def task_descriptions(tasks: Iterable[Any], root: Optional[nn.Module],
 def _with_fate(task: Any, text: str, fate: Optional[str]) -> str:
     if not fate:
         return text
-    if task.kind == "opaque":
-        return text.replace("(opaque)", f"({shorten(fate)})") if "(opaque)" in text else f"{text} ({shorten(fate)})"
+    if task.kind == "opaque":       # the reason goes on lines of its own (task_dag_dot's notes)
+        return text if "(opaque)" in text else f"{text} (opaque)"
     if task.kind == "neuron" and fate.startswith("compiled (") and fate.endswith(")"):
         kernel = fate[len("compiled ("):-1]
         return text.replace(" scan", f" scan ({kernel})", 1) if " scan" in text else f"{text} ({kernel})"
@@ -174,7 +177,7 @@ def task_dag_dot(graph: nx.DiGraph, *, title: str = "", describe: Optional[Dict[
     A batched task's cluster holds one small node per timestep (at most ``max_steps``, with an ellipsis),
     so the picture shows which timesteps run as one task. Edges between clusters attach to a middle step
     node and are clipped at the box (``compound=true`` with ``ltail``/``lhead``). ``notes``: task name ->
-    text added to its tooltip (its fate: an opaque module's whole reason).
+    its fate, added to its tooltip whole; an opaque task's reason is also drawn under its label (shortened).
     """
     describe = describe or {}
     notes = notes or {}
@@ -189,6 +192,9 @@ def task_dag_dot(graph: nx.DiGraph, *, title: str = "", describe: Optional[Dict[
              'height=0.3];',
              '  edge [fontname="Helvetica", fontsize=8, arrowsize=0.6];']
     anchor: Dict[str, Tuple[str, Optional[str]]] = {}
+    first_opaque: Dict[str, str] = {}        # layer -> its earliest opaque task: the one labelled with the reason
+    for t in sorted((t for t in tasks if t.kind == "opaque"), key=lambda t: (t.t0 is not None, t.t0 or 0)):
+        first_opaque.setdefault(t.layer, t.name)
     for t in tasks:
         fill = colors.get(t.layer, _GRAY)
         op = describe.get(t.name, t.kind)
@@ -236,8 +242,13 @@ def task_dag_dot(graph: nx.DiGraph, *, title: str = "", describe: Optional[Dict[
             anchor[t.name] = (ids[len(ids) // 2], cluster)
         else:
             shape = ', shape=ellipse' if t.kind in ("placeholder", "output") else ""
-            lines.append(f"  {_q(t.name)} [label={_label(t.layer, f'{op} · {_steps_text(t.t0, t.t1)}{bits}', timing)}, "
-                         f'fillcolor="{fill}"{shape}, tooltip={_q(tip)}];')
+            why: List[str] = []
+            note = notes.get(t.name, "")
+            if t.kind == "opaque" and note and first_opaque.get(t.layer) == t.name:      # once per layer
+                why = textwrap.wrap(shorten(note[len("opaque: "):] if note.startswith("opaque: ") else note, 120), 44)
+            border = ', color="#d35400", penwidth=1.6' if t.kind == "opaque" and note else ""
+            label = _label(t.layer, f"{op} · {_steps_text(t.t0, t.t1)}{bits}", *why, timing)
+            lines.append(f'  {_q(t.name)} [label={label}, fillcolor="{fill}"{shape}{border}, tooltip={_q(tip)}];')
             anchor[t.name] = (t.name, None)
     for u, v, kind in graph.edges(data="kind"):
         (tu, cu), (tv, cv) = anchor[u], anchor[v]
