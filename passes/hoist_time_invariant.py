@@ -113,4 +113,5 @@ def hoist_time_invariant(traced: Traced) -> Tuple[Traced, int]:
         if is_pure(node, traced):
             seen[key] = new
     graph.lint()
-    return Traced(traced.root, graph, traced.stateful, traced.bindings, traced.opaque, traced.form), merged
+    return Traced(traced.root, graph, traced.stateful, traced.bindings, traced.opaque, traced.form,
+                  traced.reasons), merged

@@ -262,4 +262,15 @@ def _warn_opaque(qualname: str, m: nn.Module, reason: str) -> None:
     _WARNED[key] = weakref.ref(m)
     warnings.warn(f"snncc: module '{qualname}' ({type(m).__module__}.{type(m).__qualname__}) is not compiled: "
                   f"{reason}. It runs opaque, step by step, at eager speed; snncc.explain(model, x) lists every "
-                  "layer.", OpaqueModuleWarning, stacklevel=4)
+                  "layer.", OpaqueModuleWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel that points a warning at the user's line (the first frame outside snncc and torch)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None:
+        f = frame.f_code.co_filename.replace("\\", "/")
+        if "/snncc/" not in f and "/torch/" not in f and "/runtime/" not in f and "/passes/" not in f:
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
