@@ -15,13 +15,15 @@ Models (all single-step mode, static input fed at each of T steps):
                   spike matmuls, LIF, projection, residual, classifier head.
 
 For each model: the neuron layers are calibrated to fire about 10% on the benchmark batch (their feeding
-Conv/Linear/BatchNorm scaled, see ``tools/_rates.py``) and the rates are printed beside the times; then eager,
-snncc (and with ``--torch-compile`` ``torch.compile`` of the eager loop) are timed interleaved, ``--repeat``
-rounds of ``--reps`` calls each, for a training step (forward, cross-entropy on the mean over time, backward,
-Adam) and inference (eval, no_grad); medians are reported with their ratio. On one batch, before any
-training, the compiled outputs (train and eval) and gradients are compared with eager's (float32
-tolerances), and the neuron layers snncc compiled are counted against those it ran opaque (step by step,
-as the eager code). A model or variant that fails is reported, never fatal.
+Conv/Linear/BatchNorm scaled, see ``tools/_rates.py``) and the rates are printed beside the times. On one
+batch, before any training, the compiled outputs (train and eval) and parameter gradients are compared with
+eager's (float32 tolerances; when they differ, again in float64, which tells float32 spike flips from a
+real mismatch), and the neuron layers snncc compiled are counted against those it ran opaque (from
+``snncc.explain`` when it exists, else the task graph). Then eager, snncc (and with ``--torch-compile``
+``torch.compile`` of the eager loop) are timed interleaved, a training phase (forward, cross-entropy on the
+mean over time, backward, Adam) then an inference phase (eval, no_grad), each ``--repeat`` rounds of
+``--reps`` calls per variant; medians are reported with their ratio, and apart from them the first call
+after a train/eval switch. A model or variant that fails is reported, never fatal.
 
     python tools/bench_zoo.py --markdown --json zoo.json
     python tools/bench_zoo.py --models sj_vgg,custom --repeat 7
@@ -34,7 +36,6 @@ import copy
 import datetime
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -61,8 +62,9 @@ __all__ = ["ZooModel", "BUILDERS", "build", "bench_model", "run", "main", "RECOR
 
 #: every record (one per model) has these keys, failed or not
 RECORD_FIELDS = ("model", "description", "batch", "T", "input_shape", "neurons", "n_neurons", "n_compiled",
-                 "n_opaque", "opaque", "kernels", "opaque_reasons", "coverage_source", "rates", "rates_eval", "rates_end", "gains", "feeders",
-                 "times_ms", "speedup", "equal", "compile_s", "warnings", "errors")
+                 "n_opaque", "opaque", "kernels", "opaque_reasons", "coverage_source", "rates", "rates_eval",
+                 "rates_end", "gains", "feeders",
+                 "times_ms", "speedup", "switch_ms", "equal", "compile_s", "warnings", "errors")
 
 #: float32 tolerances of the project's golden tests (tests/conftest.py ``tolerances``)
 TOL = {"out": dict(rtol=1e-4, atol=1e-5), "grad": dict(rtol=1e-3, atol=1e-5)}
@@ -161,19 +163,19 @@ def build_sj_sew(quick: bool = False) -> ZooModel:
     from spikingjelly.activation_based import layer, neuron
     _install_torchvision_stub()
     from spikingjelly.activation_based.model import sew_resnet
-    c1, c2 = (8, 16) if quick else (8, 16)
+    c1, c2 = (8, 16) if quick else (16, 32)
     size = 16 if quick else 32
     kw = _sj_lif_kw()
     blk = dict(cnf="ADD", spiking_neuron=neuron.LIFNode, **kw)
-    model = nn.Sequential(
-        layer.Conv2d(3, c1, 3, padding=1, bias=False), layer.BatchNorm2d(c1), neuron.LIFNode(**kw),
+    model = nn.Sequential(      # a stride-2 stem (as ResNets have): the blocks run at size/2 and size/4
+        layer.Conv2d(3, c1, 3, stride=2, padding=1, bias=False), layer.BatchNorm2d(c1), neuron.LIFNode(**kw),
         sew_resnet.BasicBlock(c1, c1, **blk),
         sew_resnet.BasicBlock(c1, c2, stride=2, downsample=nn.Sequential(sew_resnet.conv1x1(c1, c2, 2),
                                                                           layer.BatchNorm2d(c2)), **blk),
         sew_resnet.BasicBlock(c2, c2, **blk),
         layer.AdaptiveAvgPool2d((1, 1)), layer.Flatten(), layer.Linear(c2, 10))
-    return ZooModel("sj_sew", f"SEW-ResNet stem + 3 SJ zoo BasicBlocks (ADD), {c1}/{c2} ch, {size}x{size}", model,
-                    (3, size, size), reset_sj)
+    return ZooModel("sj_sew", f"SEW-ResNet stride-2 stem + 3 SJ zoo BasicBlocks (ADD), {c1}/{c2} ch, {size}x{size}",
+                    model, (3, size, size), reset_sj)
 
 
 class SnnTorchNet(nn.Module):
@@ -198,7 +200,7 @@ class SnnTorchNet(nn.Module):
 
 def build_snn_leaky(quick: bool = False) -> ZooModel:
     import snntorch as snn
-    c1, c2, size = (4, 8, 20) if quick else (12, 32, 28)
+    c1, c2, size = (4, 8, 20) if quick else (16, 64, 28)
     model = SnnTorchNet(lambda: snn.Leaky(beta=0.9, init_hidden=True), c1, c2, size)
     return ZooModel("snn_leaky", f"snnTorch conv net, Leaky(beta=0.9, init_hidden), {c1}/{c2} ch, {size}x{size}",
                     model, (1, size, size), reset_snntorch)
@@ -206,7 +208,7 @@ def build_snn_leaky(quick: bool = False) -> ZooModel:
 
 def build_snn_synaptic(quick: bool = False) -> ZooModel:
     import snntorch as snn
-    c1, c2, size = (4, 8, 20) if quick else (12, 32, 28)
+    c1, c2, size = (4, 8, 20) if quick else (16, 64, 28)
     model = SnnTorchNet(lambda: snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True), c1, c2, size)
     return ZooModel("snn_synaptic", f"snnTorch conv net, Synaptic(alpha=0.8, beta=0.9, init_hidden), {c1}/{c2} ch, "
                     f"{size}x{size}", model, (1, size, size), reset_snntorch)
@@ -214,7 +216,7 @@ def build_snn_synaptic(quick: bool = False) -> ZooModel:
 
 def build_sj_mlp_zoo(quick: bool = False) -> ZooModel:
     from spikingjelly.activation_based import layer, neuron
-    h, size = (64, 14) if quick else (512, 28)
+    h, size = (64, 14) if quick else (1024, 28)
     model = nn.Sequential(
         layer.Flatten(),
         layer.Linear(size * size, h), neuron.CUBALIFNode(),
@@ -279,7 +281,7 @@ class CustomNeuronNet(nn.Module):
 
 
 def build_custom(quick: bool = False) -> ZooModel:
-    c1, c2, size = (4, 8, 16) if quick else (8, 16, 32)
+    c1, c2, size = (4, 8, 16) if quick else (16, 32, 32)
     return ZooModel("custom", f"user neuron (self.v, sigmoid decay [C,1,1], own autograd surrogate) conv net, "
                     f"{c1}/{c2} ch, {size}x{size}", CustomNeuronNet(c1, c2, size), (3, size, size), reset_generic)
 
@@ -504,8 +506,8 @@ def _check_float64(zm: ZooModel, base: nn.Module, x: torch.Tensor, y: torch.Tens
 def _empty_record(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     rec: Dict[str, Any] = {k: None for k in RECORD_FIELDS}
     rec.update(model=name, T=args.T, batch=args.batch, neurons=[], opaque=[], kernels={}, opaque_reasons={},
-               rates={}, rates_eval={}, rates_end={}, gains={}, feeders={}, times_ms={}, speedup={}, equal={},
-               warnings=[], errors={})
+               rates={}, rates_eval={}, rates_end={}, gains={}, feeders={}, times_ms={}, speedup={}, switch_ms={},
+               equal={}, warnings=[], errors={})
     return rec
 
 
@@ -575,44 +577,58 @@ def _check_equal(zm: ZooModel, cm: snncc.CompiledModule, em: EagerLoop, out_c: t
 
 def _time_variants(variants: Dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
                    rec: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, Dict[str, Optional[float]]]:
-    """Warm-up, then ``args.repeat`` interleaved rounds of ``args.reps`` calls per variant and mode; medians.
-    A variant that raises is dropped (its error recorded) and the others go on."""
+    """Medians of a training phase then an inference phase: in each, a warm-up and then ``args.repeat``
+    interleaved rounds of ``args.reps`` calls per variant. Afterwards, the cost of the first call after a
+    mode switch (train -> eval -> train, every specialization already built) goes in ``rec['switch_ms']``.
+    A variant that raises is dropped (its error recorded) and the others go on.
+
+    NOTE: the modes are timed in phases, as a training loop runs (an epoch of steps, then an evaluation),
+    not alternated every few calls: snncc's first call after ``train()``/``eval()`` can cost far more than the
+    next ones (measured apart, as ``switch_ms``), and alternating would mix that into every median.
+    """
     # NOTE: a small learning rate keeps the calibrated firing rates through the timed steps (at 1e-3 the MLP's
     # first layer went from 10% to 36% in a dozen steps); the cost of a step does not depend on it.
     opts = {k: torch.optim.Adam(m.parameters(), lr=args.lr) for k, m in variants.items()}
     times: Dict[str, Dict[str, List[float]]] = {k: {"train": [], "infer": []} for k in variants}
     alive = dict(variants)
 
-    def run_mode(k: str, m: nn.Module, mode: str, n: int, keep: bool) -> None:
+    def call(k: str, mode: str) -> Optional[float]:
+        m = alive.get(k)
+        if m is None:
+            return None
         try:
             if mode == "train":
                 m.train()
-                for _ in range(n):
-                    t = _timed(lambda: _train_step(m, opts[k], x, y))
-                    if keep:
-                        times[k]["train"].append(t)
-            else:
-                m.eval()
-                with torch.no_grad():
-                    for _ in range(n):
-                        t = _timed(lambda: m(x))
-                        if keep:
-                            times[k]["infer"].append(t)
+                return _timed(lambda: _train_step(m, opts[k], x, y))
+            m.eval()
+            with torch.no_grad():
+                return _timed(lambda: m(x))
         except Exception as e:   # noqa: BLE001
             rec["errors"][f"{k} {mode}"] = _err(e)
             alive.pop(k, None)
             log(f"[{rec['model']}] {k} {mode} failed: {rec['errors'][f'{k} {mode}']}")
-        finally:
-            m.train()
+            return None
 
-    for k, m in list(alive.items()):           # warm-up: compilation, specialization, allocator
-        for mode in ("train", "infer"):
-            if k in alive:
-                run_mode(k, m, mode, 1 if args.quick else 2, False)
-    for _ in range(args.repeat):
-        for mode in ("train", "infer"):
-            for k, m in list(alive.items()):
-                run_mode(k, m, mode, args.reps, True)
+    for mode in ("train", "infer"):
+        for k in list(alive):                   # warm-up: compilation, specialization, allocator
+            # NOTE: torch.compile recompiles a few times before its guards settle (the neurons' state
+            # tensors change requires_grad between the first calls): more warm-up, or it compiles while timed
+            for _ in range((1 if args.quick else 2) + (2 if k == "torch.compile" else 0)):
+                call(k, mode)
+        for _ in range(args.repeat):
+            for k in list(alive):
+                for _ in range(args.reps):
+                    t = call(k, mode)
+                    if t is not None:
+                        times[k][mode].append(t)
+    switch: Dict[str, Dict[str, Optional[float]]] = {}
+    for k in list(alive):
+        to_train = call(k, "train")
+        call(k, "train")
+        switch[k] = {"to_train": to_train, "to_eval": call(k, "infer")}
+        if k in alive:
+            alive[k].train()
+    rec["switch_ms"] = switch
     return {k: {mode: (statistics.median(v) if v else None) for mode, v in d.items()} for k, d in times.items()}
 
 
@@ -670,12 +686,16 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None] 
             rec.update(n_compiled=len(cov.compiled), n_opaque=len(cov.opaque), opaque=cov.opaque,
                        coverage_source=cov.source, kernels=cov.kernels, opaque_reasons=cov.reasons)
             if cov.explain_text:
-                rec["explain_note"] = cov.explain_text
+                rec["explain"] = cov.explain_text
         except Exception as e:   # noqa: BLE001
             rec["errors"]["coverage"] = _err(e)
         variants["snncc"] = cm
     if args.torch_compile:
         try:
+            # NOTE: compile in this process: inductor's worker processes would otherwise run beside the
+            # other variants' timed calls whenever torch.compile recompiles (seen: eager 40x slower)
+            import torch._inductor.config as inductor_config
+            inductor_config.compile_threads = 1
             variants["torch.compile"] = torch.compile(EagerLoop(_copy(zm, zm.model), T, zm.reset))
         except Exception as e:   # noqa: BLE001
             rec["errors"]["torch.compile"] = _err(e)
@@ -749,8 +769,10 @@ def _fmt_record(rec: Dict[str, Any]) -> str:
         lines.append(f"[{rec['model']}]   opaque {q}: {(rec.get('opaque_reasons') or {}).get(q, '')}")
     for k, d in t.items():
         sp = s.get(k, {})
+        sw = (rec.get("switch_ms") or {}).get(k) or {}
         lines.append(f"[{rec['model']}]   {k:<14} train {_ms(d['train']):>8} ms {_x(sp.get('train')):>7} | "
-                     f"infer {_ms(d['infer']):>8} ms {_x(sp.get('infer')):>7}")
+                     f"infer {_ms(d['infer']):>8} ms {_x(sp.get('infer')):>7} | first call after eval->train "
+                     f"{_ms(sw.get('to_train'))} ms, train->eval {_ms(sw.get('to_eval'))} ms")
     lines.append(f"[{rec['model']}] compiled == eager: {_eq_str(rec['equal'])}; rates after timing: "
                  f"{_fmt_rates(rec['rates_end'])}")
     for k, v in rec["errors"].items():
@@ -760,9 +782,9 @@ def _fmt_record(rec: Dict[str, Any]) -> str:
 
 def table(records: List[Dict[str, Any]], markdown: bool, torch_compile: bool) -> str:
     cols = ["model", "neurons (compiled/opaque/all)", "eager train ms", "snncc train ms", "train x",
-            "eager infer ms", "snncc infer ms", "infer x"]
+            "eager infer ms", "snncc infer ms", "infer x", "snncc 1st call after switch ms (->train/->eval)"]
     if torch_compile:
-        cols += ["t.c train ms", "t.c infer ms"]
+        cols += ["torch.compile train ms (x)", "torch.compile infer ms (x)"]
     cols += ["compiled == eager", "firing rates (train)", "errors"]
     rows = []
     for r in records:
@@ -774,9 +796,12 @@ def table(records: List[Dict[str, Any]], markdown: bool, torch_compile: bool) ->
             cov += f" ({_kernels_str(r)})"
         row = [r["model"], cov, _ms(e.get("train")), _ms(c.get("train")), _x(s.get("snncc", {}).get("train")),
                _ms(e.get("infer")), _ms(c.get("infer")), _x(s.get("snncc", {}).get("infer"))]
+        sw = (r.get("switch_ms") or {}).get("snncc") or {}
+        row.append(f"{_ms(sw.get('to_train'))}/{_ms(sw.get('to_eval'))}" if sw else "-")
         if torch_compile:
             tc = t.get("torch.compile", {})
-            row += [_ms(tc.get("train")), _ms(tc.get("infer"))]
+            tsp = s.get("torch.compile", {})
+            row += [f"{_ms(tc.get(m))} ({_x(tsp.get(m))})" for m in ("train", "infer")]
         errs = "; ".join(f"{k}: {v}" for k, v in r["errors"].items())
         row += [_eq_str(r["equal"]), _fmt_rates(r["rates"]), (errs[:160] + "...") if len(errs) > 160 else errs or "-"]
         rows.append(row)
@@ -789,14 +814,36 @@ def table(records: List[Dict[str, Any]], markdown: bool, torch_compile: bool) ->
     return "\n".join([fmt(cols)] + [fmt(row) for row in rows])
 
 
+def _git() -> str:
+    """The checkout's commit, ``+dirty`` with uncommitted changes (what 'today's snncc' was)."""
+    import subprocess
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (head or "no git") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "no git"
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 def run(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     """Parse ``argv``, benchmark the models, print (and write) the results; returns the records."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(BUILDERS), help=f"comma list of: {', '.join(BUILDERS)}")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 32; 4 with --quick)")
     ap.add_argument("--T", type=int, default=None, help="timesteps (default 8; 4 with --quick)")
-    ap.add_argument("--repeat", type=int, default=None, help="interleaved timing rounds (default 5; 1 with --quick)")
-    ap.add_argument("--reps", type=int, default=None, help="calls per variant and mode per round (default 2)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="interleaved timing rounds per mode (default 5; 1 with --quick)")
+    ap.add_argument("--reps", type=int, default=None, help="calls per variant per round (default 2; 1 with --quick)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rate", type=float, default=0.10, help="target firing rate of every neuron layer")
     ap.add_argument("--seed", type=int, default=0)
@@ -816,9 +863,11 @@ def run(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     if unknown:
         ap.error(f"unknown model(s) {unknown}; have {', '.join(BUILDERS)}")
     torch.set_num_threads(args.threads)
-    header = (f"bench_zoo | snncc {snncc.__version__} | torch {torch.__version__} | {torch.get_num_threads()} threads"
-              f" | {platform.processor() or platform.machine()} | {datetime.date.today()} | T={args.T} "
-              f"batch={args.batch} repeat={args.repeat}x{args.reps}{' quick' if args.quick else ''}")
+    header = (f"bench_zoo | snncc {snncc.__version__} ({_git()}) | torch {torch.__version__} | "
+              f"{torch.get_num_threads()} threads | {platform.processor() or platform.machine()} | "
+              f"{datetime.date.today()} | T={args.T} batch={args.batch} repeat={args.repeat}x{args.reps}"
+              f"{' quick' if args.quick else ''} | "
+              f"load avg {_load()} (other processes make every time grow, eager's most)")
     print(header, flush=True)
     records = []
     for n in names:
@@ -827,9 +876,10 @@ def run(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
             records.append(bench_model(n, args, log=lambda s: print(s, flush=True)))
     print()
     print(table(records, args.markdown, args.torch_compile))
+    print(f"load avg at the end: {_load()}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "args": vars(args), "torch": torch.__version__,
+            json.dump({"header": header, "args": vars(args), "load_end": _load(), "torch": torch.__version__,
                        "date": str(datetime.date.today()), "records": records}, f, indent=1, default=str)
     return records
 
