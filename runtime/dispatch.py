@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from snncc.neuron_ir import hoist_static, run_prelude
 from snncc.neurons import NeuronSpec
 from . import cpu, cpu_ir, reference
 
@@ -178,8 +179,32 @@ def lifted_neuron_scan(lifted: Any, x: torch.Tensor, K: int, broadcast: bool,
                        state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor]) -> Result:
     """A lifted neuron (:class:`snncc.lift.Lifted`) over K steps on the first backend that claims it:
     ``(outputs [K, *S], final states)``."""
-    b = backend_for("lifted", lifted, x)
-    res = b.scan_lifted(lifted, x, K, broadcast, state, params)
+    kernel, prelude = _kernel_steps(lifted)
+    b = backend_for("lifted", kernel, x)
+    res = None
+    if b.name != "reference":
+        derived = run_prelude(prelude, dict(zip(lifted.steady.params, params)), x,
+                              kernel.steady.params[len(params):])
+        res = b.scan_lifted(kernel, x, K, broadcast, state, tuple(params) + derived)
     if res is None:                 # a backend may decline at run time (a dtype it does not generate)
         res = _ref_scan_lifted(lifted, x, K, broadcast, state, params)
     return res
+
+
+@dataclass(frozen=True)
+class _KernelSteps:
+    """What a kernel backend runs: the steps with their parameter-only ops hoisted (``hoist_static``)."""
+
+    first: Any
+    steady: Any
+
+
+_KERNEL_STEPS: Dict[int, Tuple[Any, _KernelSteps, Tuple[Any, ...]]] = {}
+
+
+def _kernel_steps(lifted: Any) -> Tuple[_KernelSteps, Tuple[Any, ...]]:
+    hit = _KERNEL_STEPS.get(id(lifted))
+    if hit is None or hit[0] is not lifted:
+        first, steady, prelude = hoist_static(lifted.first, lifted.steady)
+        hit = _KERNEL_STEPS[id(lifted)] = (lifted, _KernelSteps(first, steady), prelude)
+    return hit[1], hit[2]

@@ -25,7 +25,7 @@ import torch
 from .surrogate import SurrogateSpec, derivative
 
 __all__ = ["Op", "NeuronIR", "OPS", "UNARY", "BINARY", "COMPARE", "interpret", "dtype_of", "DTYPES",
-           "used_values", "binary_values"]
+           "used_values", "binary_values", "hoist_static", "run_prelude"]
 
 Arg = Union[str, float, int, bool, None]
 
@@ -208,3 +208,60 @@ def interpret(ir: NeuronIR, x: torch.Tensor, states: Sequence[torch.Tensor], par
         args = [env[a] if isinstance(a, str) else a for a in o.args]
         env[o.out] = _apply(o, args, ir, x)
     return tuple(env[n] for n in ir.outputs), tuple(env[n] for n in ir.new_states)
+
+
+# ----------------------------------------------------------------------------- loop-invariant ops
+def hoist_static(first: NeuronIR, steady: NeuronIR) -> Tuple[NeuronIR, NeuronIR, Tuple[Op, ...]]:
+    """Move the ops that read only parameters (``sigmoid(self.w)`` of a learnable decay, ``beta.clamp(0, 1)``)
+    out of the per-step graphs: they become a prelude run once per call by torch on the parameter tensors
+    (the same torch calls eager makes each step, so the same values), whose results are extra parameters.
+    Returns ``(first', steady', prelude)``; both steps get the same, longer, ``params``.
+
+    NOTE: a kernel would otherwise evaluate them per neuron per step (an ``exp`` per element for a
+    per-channel sigmoid decay); autograd differentiates the prelude, the kernel only sees its results."""
+    from dataclasses import replace
+    prelude: List[Op] = []
+    outs: List[List[Op]] = []
+    extra: List[str] = []
+    dts: Dict[str, str] = {}
+    for tag, ir in (("hf", first), ("hs", steady)):
+        static = set(ir.params)
+        rename: Dict[str, str] = {}
+        keep: List[Op] = []
+        for o in ir.ops:
+            vals = o.value_args()
+            if vals and o.op != "spike" and all(v in static for v in vals):
+                new = f"{tag}_{o.out}"
+                rename[o.out] = new
+                static.add(o.out)
+                prelude.append(replace(o, out=new, args=tuple(rename.get(a, a) if isinstance(a, str) else a
+                                                              for a in o.args)))
+                dts[new] = o.dtype
+            else:
+                keep.append(replace(o, args=tuple(rename.get(a, a) if isinstance(a, str) else a for a in o.args)))
+        used = {a for o in keep for a in o.value_args()} | set(ir.outputs) | set(ir.new_states)
+        extra += [rename[k] for k in rename if rename[k] in used or k in used]
+        outs.append(keep)
+        dts.update(dict(ir.dtypes))
+    extra = list(dict.fromkeys(extra))
+    params = first.params + tuple(extra)
+
+    def rebuild(ir: NeuronIR, ops: List[Op], tag: str) -> NeuronIR:
+        ren = {o.out[len(tag) + 1:]: o.out for o in prelude if o.out.startswith(tag + "_")}
+        outputs = tuple(ren.get(n, n) for n in ir.outputs)
+        new_states = tuple(ren.get(n, n) for n in ir.new_states)
+        dtypes = dict(ir.dtypes)
+        dtypes.update({p: dts[p] for p in extra})
+        return replace(ir, params=params, ops=tuple(ops), outputs=outputs, new_states=new_states,
+                       dtypes=tuple(sorted(dtypes.items())))
+    return rebuild(first, outs[0], "hf"), rebuild(steady, outs[1], "hs"), tuple(prelude)
+
+
+def run_prelude(prelude: Sequence[Op], params: Mapping[str, torch.Tensor], like: torch.Tensor,
+                names: Sequence[str]) -> Tuple[torch.Tensor, ...]:
+    """Evaluate :func:`hoist_static`'s prelude with torch on the parameter tensors; the values of ``names``."""
+    env: Dict[str, Any] = dict(params)
+    dummy = NeuronIR("x", (), (), tuple(prelude), (), (), ())
+    for o in prelude:
+        env[o.out] = _apply(o, [env[a] if isinstance(a, str) else a for a in o.args], dummy, like)
+    return tuple(env[n] for n in names)

@@ -116,7 +116,9 @@ def config_key(m: nn.Module) -> Tuple[Any, ...]:
     return tuple(items)
 
 
-_CACHE: Dict[int, Tuple[Any, Tuple[Any, ...], Recognition]] = {}
+#: module id -> (weakref, {config key: recognition}): every configuration seen (train and eval both stay
+#: cached, so switching modes does not lift the neuron again)
+_CACHE: Dict[int, Tuple[Any, Dict[Tuple[Any, ...], Recognition]]] = {}
 #: module id -> (weakref, its state attributes): left out of config_key (they change at every call)
 _STATE_NAMES: Dict[int, Tuple[Any, Tuple[str, ...]]] = {}
 
@@ -125,16 +127,22 @@ def bind(m: nn.Module) -> Recognition:
     """Recognize ``m`` (see the module docstring); cached per module and configuration."""
     key = config_key(m)
     hit = _CACHE.get(id(m))
-    if hit is not None and hit[0]() is m and hit[1] == key:
-        return hit[2]
+    if hit is not None and hit[0]() is m:
+        found = hit[1].get(key)
+        if found is not None:
+            return found
+    else:
+        hit = _CACHE[id(m)] = (weakref.ref(m), {})
     rec = _recognize(m)
     b = rec.binding
     names: Tuple[str, ...] = ("state",) if isinstance(m, BaseNeuron) else \
         (b.lifted.state_attrs if b is not None and b.lifted is not None else ())
+    hit[1][key] = rec
     if names:
         _STATE_NAMES[id(m)] = (weakref.ref(m), names)
-        key = config_key(m)
-    _CACHE[id(m)] = (weakref.ref(m), key, rec)
+        hit[1][config_key(m)] = rec
+    if len(hit[1]) > 16:                       # a module reconfigured many times: keep the recent ones
+        hit[1].pop(next(iter(hit[1])))
     return rec
 
 

@@ -355,3 +355,31 @@ def test_random_elementwise_neurons_compile_to_kernels_equal_to_eager(program, s
     (out_e * w).sum().backward()
     for pe, pc in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_parameter_only_ops_are_hoisted_out_of_the_kernel():
+    """``sigmoid(self.w)`` reads only a parameter: evaluated once per call by torch, not per neuron-step."""
+    from snncc.neuron_ir import hoist_static
+    L = lift_neuron(ChannelDecayNeuron(4), torch.float64)
+    assert any(o.op == "sigmoid" for o in L.steady.ops)
+    first, steady, prelude = hoist_static(L.first, L.steady)
+    assert [o.op for o in prelude if o.op == "sigmoid"] and not any(o.op == "sigmoid" for o in steady.ops)
+    assert first.params == steady.params and len(steady.params) > len(L.steady.params)
+
+
+def test_switching_train_and_eval_does_not_lift_again(monkeypatch):
+    """Regression: a train/eval switch re-lifted every neuron (the recognition cache held one configuration)."""
+    from snncc import recognize
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), ChannelDecayNeuron(4))
+    cm = snncc.compile(model, T=3)
+    x = torch.rand(2, 2, 5, 5)
+    cm(x)
+    cm.eval()
+    cm(x)
+    calls = []
+    real = recognize._recognize
+    monkeypatch.setattr(recognize, "_recognize", lambda m: calls.append(m) or real(m))
+    for mode in ("train", "eval", "train"):
+        getattr(cm, mode)()
+        cm(x)
+    assert calls == []
