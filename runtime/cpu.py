@@ -1,9 +1,20 @@
 """CPU backend: a neuron layer's scan as one generated C kernel (OpenMP), forward and backward.
 
-The C source is generated from the :class:`~snncc.neurons.NeuronSpec` (charge, fire, reset, surrogate),
-compiled once with the system C compiler and cached on disk by a hash of the source and the flags. Each
-thread takes a block of neurons, keeps their state in a local array and walks time inside the block: one
-pass over memory per chunk each way (DESIGN.md measured ~21 GB/s for this layout on a 2-core machine).
+This module runs the kernels: it decides what the C scans can take (:func:`supports`), finds the compiled
+library for a spec (memoized: generating and hashing the source costs more than a small layer's kernel),
+types its entry points for ctypes, and wraps the calls in ``torch.autograd.Function``s (``_CScan``, and
+``_CBNScan`` with a training BatchNorm fused in) so backward runs the generated backward kernel. What it
+needs from the two concerns split out of it:
+
+* ``runtime/cpu_source.py``: the C source, generated from the :class:`~snncc.neurons.NeuronSpec` (charge,
+  fire, reset, surrogate); pure text, nothing compiled there.
+* ``runtime/cbuild.py``: compiling with the system C compiler, caching the .so on disk by a hash of the
+  source and the flags, and whether a compiler exists at all.
+
+The names tests and other modules import from here before the split (``kernel_source``, ``_library``,
+``compiler_available``, ``CACHE_DIR``, ``_FLAGS``...) stay importable from here. NOTE: the build state
+(``CACHE_DIR``, ``_LIBS``, ``_FOUND``, ``_WARNED``...) lives in ``runtime/cbuild.py`` and is read through
+this module live, but setting it here changes nothing: patch it on ``cbuild``.
 
 Exactness: ``-O3 -march=native -fno-trapping-math -ffp-contract=off`` and no ``-ffast-math``: the same
 IEEE operations in the same order as the torch formula, so spikes and states are bit-identical to the
@@ -15,35 +26,31 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from snncc.neurons import NeuronSpec
-from . import buffers, codegen
+from . import buffers, cbuild, codegen
+# NOTE: also re-exported for the modules and tests that import them from here (``cpu._library``,
+# ``cpu.kernel_source``, ``cpu.sparse_conv_source``, ``cpu._HTYPE``...).
+from .cbuild import _library, compiler_available  # noqa: F401
+from .cpu_source import (_BLOCK, _CTYPE, _HTYPE, bits_source, kernel_source, sparse_block,  # noqa: F401
+                         sparse_conv_source)
 
 __all__ = ["supports", "c_scan", "c_bn_scan", "update_running_stats", "kernel_source", "compiler_available",
            "pool_geometry", "CACHE_DIR"]
 
-CACHE_DIR = os.environ.get("SNNCC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "snncc", "kernels"))
-# -fno-math-errno lets gcc call glibc's vector exp (libmvec) in the backward loop; it changes no result.
-_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "-fopenmp",
-          "-shared", "-fPIC"]
-_BLOCK = 1024
-_LOCK = threading.Lock()
-_LIBS: Dict[str, Any] = {}
-_WARNED = False
+#: the build state of ``runtime/cbuild.py``, read through this module (``cpu.CACHE_DIR``, ``cpu._FLAGS``)
+#: as before the split; looked up on each access so a value rebound there (a test's cache directory,
+#: ``_WARNED`` set once warned) is the one seen here.
+_BUILD_STATE = ("CACHE_DIR", "_FLAGS", "_LOCK", "_LIBS", "_FOUND", "_WARNED")
 
-_CTYPE = {torch.float32: "float", torch.float64: "double"}
-#: dtypes H may be kept in for backward: float32 by default, float16 opt-in (``memory="half"``).
-_HTYPE = {torch.float32: "float", torch.float64: "double", torch.float16: "_Float16"}
+
+def __getattr__(name: str) -> Any:
+    if name in _BUILD_STATE:
+        return getattr(cbuild, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def supports(spec: NeuronSpec, *tensors: Optional[torch.Tensor]) -> bool:
@@ -57,439 +64,8 @@ def supports(spec: NeuronSpec, *tensors: Optional[torch.Tensor]) -> bool:
     return compiler_available()
 
 
-_FOUND: Dict[Tuple[str, str], bool] = {}
-
-
-def compiler_available() -> bool:
-    """A C compiler is on PATH (``$CC`` or gcc) and the reference backend is not forced. Looked up once
-    per (CC, PATH): this is asked on every kernel call."""
-    global _WARNED
-    if os.environ.get("SNNCC_BACKEND", "") == "reference":
-        return False
-    key = (os.environ.get("CC", "gcc"), os.environ.get("PATH", ""))
-    if key not in _FOUND:
-        _FOUND[key] = shutil.which(key[0]) is not None
-    ok = _FOUND[key]
-    if not ok and not _WARNED:
-        warnings.warn("snncc: no C compiler found (set CC or install gcc): neuron scans run on the reference "
-                      "torch backend, slower but identical.", RuntimeWarning)
-        _WARNED = True
-    return ok
-
-
-def kernel_source(spec: NeuronSpec, dtype: torch.dtype, h_dtype: Optional[torch.dtype] = None,
-                  pool: Optional[int] = None) -> str:
-    """The C source of the scans for ``spec`` in ``dtype`` (H kept in ``h_dtype``, default ``dtype``).
-
-    Four entry points, two layouts of work:
-    * ``scan_fwd`` / ``scan_bwd``: the flat scan; a thread takes blocks of BLK neurons, state in a local
-      array, time inside the block. Spikes are kept for backward as bits, per (step, block).
-    * ``pool_fwd`` / ``pool_bwd``: the scan with max pooling (kernel = stride = k) as its epilogue. A step
-      tensor is seen as P planes x H rows x RW elements (NCHW: P = N*C, RW = W; channels-last: P = N,
-      RW = W*C); a unit is the k rows one row of windows covers, so the pooled output (max of spikes = OR)
-      is written straight from registers and the full-size spike tensor never exists. Backward routes each
-      window's gradient to the element torch's max_pool2d picks (the first maximum in row-major order).
-    """
-    if spec.surrogate.opaque:       # the derivative is an input: one source for every user surrogate
-        spec = dataclasses.replace(spec, surrogate=dataclasses.replace(spec.surrogate, fn=None))
-    T = _CTYPE[dtype]
-    HT = _HTYPE[h_dtype or dtype]
-    plif = spec.kind == "plif"
-    exp = "snn_expf" if T == "float" else "exp"
-    fabs = "fabsf" if T == "float" else "fabs"
-    cg = codegen
-    # PLIF needs x and V before each step in backward for its weight gradient.
-    plif_args = ", const T* xs, int64_t x_stride, const T* v0, double* gk_part" if plif else ""
-    plif_init = "double gk = 0.0;" if plif else ""
-    plif_step = (f"{{ const T x = xs[t * x_stride + start + i]; "
-                 f"const T vp = t > 0 ? vprev[i] : (v0 ? v0[start + i] : VINIT); "
-                 f"gk += (double)(gh * {cg.dh_dk(spec)}); }}"
-                 if plif else "")
-    plif_prev = r"""
-      if (t > 0) {  // V before step t = reset(H[t-1], S[t-1]), bit-exact as in forward
-        unpack_bits(bits + ((t - 1) * U + u) * UB, n, sp);
-        const HT* hp = hs + (t - 1) * M + start;
-        for (int64_t i = 0; i < n; ++i) { const T h = (T)hp[i]; const T s = (T)sp[i]; T v; RESET_STMT vprev[i] = v; }
-      }""".replace("RESET_STMT", cg.reset(spec)) if plif else ""
-    plif_done = "gk_part[u] = gk;" if plif else ""
-
-    common = f"""// generated by snncc.runtime.cpu for {spec}
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <math.h>
-typedef {T} T;
-typedef {HT} HT;
-typedef uint8_t u8;
-#define EXP {exp}
-#define FABS {fabs}
-#define BLK {_BLOCK}
-#define PK {pool or 2}
-{codegen.EXP_FLOAT if T == "float" else ""}
-#define CONSTS \\
-  const T TAU = (T)tau_, KC = (T)kc_, DEC = (T)(1.0 - 1.0 / tau_), VTH = (T)vth_, VR = (T)vr_; \\
-  const T VINIT = {"VR" if spec.v_reset is not None else "(T)0"}; /* the reset state (v0 == NULL) */ \\
-  (void)TAU; (void)KC; (void)DEC; (void)VR; (void)VINIT;
-
-static inline void pack_bits(const u8* s, int64_t n, u8* out) {{
-  for (int64_t j = 0; j < (n + 7) / 8; ++j) {{
-    u8 b = 0;
-    for (int k = 0; k < 8; ++k) b |= (u8)((j * 8 + k < n ? s[j * 8 + k] : 0) << k);
-    out[j] = b;
-  }}
-}}
-
-static inline void unpack_bits(const u8* in, int64_t n, u8* s) {{
-  for (int64_t i = 0; i < n; ++i) s[i] = (in[i >> 3] >> (i & 7)) & 1;
-}}
-
-// One forward step over n neurons: H, spike byte and the new V; x from xt.
-// With al (training BatchNorm fused in): x = xt * al[c] + be[c], c = cidx[i], the form torch's
-// batch_norm computes (alpha = invstd * weight, beta = bias - mean * alpha) for this step.
-static inline void step_fwd(const T* xt, T* vb, T* hb, u8* sb, int64_t n,
-                            double tau_, double kc_, double vth_, double vr_,
-                            const int32_t* cidx, const T* al, const T* be) {{
-  CONSTS
-  for (int64_t i = 0; i < n; ++i) {{
-    const T x = al ? xt[i] * al[cidx[i]] + be[cidx[i]] : xt[i];
-    T v = vb[i];
-    const T h = {cg.charge(spec)};
-    const T s = h >= VTH ? (T)1 : (T)0;
-    hb[i] = h;
-    sb[i] = (u8)(s != (T)0);
-    {cg.reset(spec)}
-    vb[i] = v;
-  }}
-}}
-
-// One backward step over n neurons: from the spike grads gsb and H/spikes of the step, update gv; gx out
-// (and, for PLIF's weight gradient, gh of the step when ghb is given).
-static inline void step_bwd(const HT* ht, const u8* sb, const T* gsb, T* gvb, T* gxb, T* ghb, const T* dsur, int64_t n,
-                            double tau_, double kc_, double vth_, double vr_, double alpha_) {{
-  CONSTS
-  const T A = (T)alpha_;
-  (void)A; (void)dsur;
-  for (int64_t i = 0; i < n; ++i) {{
-    const T h = (T)ht[i], s = (T)sb[i], gs_in = gsb[i];
-    T gv = gvb[i], gs, gh, gx, d;
-    {cg.bwd_reset(spec)}
-    const T z = h - VTH;
-    {cg.surrogate(spec)}
-    gh = gh + gs * d;
-    {"ghb[i] = gh;" if plif else "(void)ghb;"}
-    {cg.charge_grads(spec)}
-    gvb[i] = gv;
-    gxb[i] = gx;
-  }}
-}}
-"""
-    bwd_loop = f"""
-      step_bwd(hs + t * M + start, sb, gsb, gvb, gxb, {"ghb" if plif else "0"}, dsur ? dsur + t * M + start : 0,
-               n, tau_, kc_, vth_, vr_, alpha_);
-      {plif_prev}
-      {"" if not plif else "for (int64_t i = 0; i < n; ++i) { const T gh = ghb[i]; " + plif_step + " }"}
-      if (broadcast) {{ for (int64_t i = 0; i < n; ++i) gacc[i] += gxb[i]; }}
-      else {{ T* gxt = g_x + t * M + start; for (int64_t i = 0; i < n; ++i) gxt[i] = gxb[i]; }}"""
-    nscratch = 4 if plif else 3
-    # per-thread scratch of the backward scans: gradient state, accumulators, spikes of this/previous step
-    common += ("#define BWD_SCRATCH \\\n"
-               f"    T* scratch = (T*)malloc({nscratch + 1} * CAP * sizeof(T)); \\\n"
-               "    u8* sb = (u8*)malloc(2 * CAP); u8* sp = sb + CAP; (void)sp; \\\n"
-               "    T* gvb = scratch; T* gacc = scratch + CAP; T* gsb = scratch + 2 * CAP; "
-               "T* gxb = scratch + 3 * CAP; \\\n"
-               + ("    T* ghb = scratch + 4 * CAP; \\\n" if plif else "")
-               + f"    T* vprev = {'(T*)malloc(CAP * sizeof(T))' if plif else '0'}; (void)vprev;\n")
-
-    flat = f"""
-void scan_fwd(const T* xs, int64_t x_stride, const T* v0, T* spikes, u8* bits, HT* hs, T* v_out,
-              int64_t K, int64_t M, double tau_, double kc_, double vth_, double vr_, int nthreads,
-              const T* bn_al, const T* bn_be, int64_t cdiv, int64_t cmod) {{
-  const int64_t U = (M + BLK - 1) / BLK, UB = BLK / 8;
-  #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t u = 0; u < U; ++u) {{
-    const int64_t start = u * BLK, n = (M - start) < BLK ? (M - start) : BLK;
-    T vb[BLK], hb[BLK];
-    u8 sb[BLK];
-    int32_t cidx[BLK];
-    if (bn_al) for (int64_t i = 0; i < n; ++i) cidx[i] = (int32_t)(((start + i) / cdiv) % cmod);
-    if (v0) memcpy(vb, v0 + start, n * sizeof(T)); else {{ CONSTS for (int64_t i = 0; i < n; ++i) vb[i] = VINIT; }}
-    for (int64_t t = 0; t < K; ++t) {{
-      step_fwd(xs + t * x_stride + start, vb, hb, sb, n, tau_, kc_, vth_, vr_,
-               cidx, bn_al ? bn_al + t * cmod : 0, bn_al ? bn_be + t * cmod : 0);
-      if (spikes) {{ T* st = spikes + t * M + start; for (int64_t i = 0; i < n; ++i) st[i] = (T)sb[i]; }}
-      if (hs) {{ HT* ht = hs + t * M + start; for (int64_t i = 0; i < n; ++i) ht[i] = (HT)hb[i]; }}
-      if (bits) pack_bits(sb, n, bits + (t * U + u) * UB);
-    }}
-    memcpy(v_out + start, vb, n * sizeof(T));
-  }}
-}}
-
-void scan_bwd(const T* g_spikes, const HT* hs, const T* dsur, const u8* bits, const T* g_vlast, T* g_x, int broadcast,
-              T* g_v0, int64_t K, int64_t M, double tau_, double kc_, double vth_, double vr_, double alpha_,
-              int nthreads{plif_args}) {{
-  const int64_t U = (M + BLK - 1) / BLK, UB = BLK / 8, CAP = BLK;
-  CONSTS (void)VTH;
-  #pragma omp parallel num_threads(nthreads)
-  {{
-    BWD_SCRATCH
-    #pragma omp for schedule(static)
-    for (int64_t u = 0; u < U; ++u) {{
-      const int64_t start = u * BLK, n = (M - start) < BLK ? (M - start) : BLK;
-      {plif_init}
-      for (int64_t i = 0; i < n; ++i) {{ gvb[i] = g_vlast ? g_vlast[start + i] : (T)0; gacc[i] = (T)0; }}
-      for (int64_t t = K - 1; t >= 0; --t) {{
-        unpack_bits(bits + (t * U + u) * UB, n, sb);
-        if (g_spikes) memcpy(gsb, g_spikes + t * M + start, n * sizeof(T));
-        else memset(gsb, 0, n * sizeof(T));
-        {bwd_loop}
-      }}
-      for (int64_t i = 0; i < n; ++i) g_v0[start + i] = gvb[i];
-      if (broadcast) memcpy(g_x + start, gacc, n * sizeof(T));
-      {plif_done}
-    }}
-    free(scratch); free(sb); {"free(vprev);" if plif else ""}
-  }}
-}}
-"""
-    pool = f"""
-// Geometry of the pooled scan (see kernel_source's docstring).
-#define POOL_GEOM \\
-  (void)k; /* == PK: the pool size is compiled in, so its loops unroll */ \\
-  const int64_t Ho = H / k, Wo = W / k, rem = H - Ho * k, UP = Ho + (rem > 0), U = P * UP; \\
-  const int64_t RW = W * C, M = P * H * RW, Mo = P * Ho * Wo * C, CAP = k * RW, UB = (CAP + 7) / 8; \\
-  (void)Mo; (void)UB;
-// where pooled output (p, j, wo, c) of a step lives: the input's layout, or channels-first (out_cf: the
-// [N, C, Ho, Wo] contiguous order a following flatten reads without a copy)
-#define OUT_INDEX (out_cf ? ((p * C + c) * Ho + j) * Wo + wo : ((p * Ho + j) * Wo + wo) * C + c)
-#define POOL_UNIT \\
-  const int64_t p = u / UP, j = u % UP, row0 = j < Ho ? j * k : Ho * k, nr = j < Ho ? k : rem; \\
-  const int64_t n = nr * RW, start = p * H * RW + row0 * RW;
-
-void pool_fwd(const T* xs, int64_t x_stride, const T* v0, T* out, u8* bits, HT* hs, T* v_out,
-              int64_t K, int64_t P, int64_t H, int64_t W, int64_t C, int64_t k, int64_t out_cf,
-              double tau_, double kc_, double vth_, double vr_, int nthreads,
-              const T* bn_al, const T* bn_be, int64_t cdiv, int64_t cmod) {{
-  POOL_GEOM
-  #pragma omp parallel num_threads(nthreads)
-  {{
-    T* vb = (T*)malloc(2 * CAP * sizeof(T));
-    T* hb = vb + CAP;
-    u8* sb = (u8*)malloc(CAP);
-    int32_t* cidx = (int32_t*)malloc(CAP * sizeof(int32_t));
-    #pragma omp for schedule(static)
-    for (int64_t u = 0; u < U; ++u) {{
-      POOL_UNIT
-      if (bn_al) for (int64_t i = 0; i < n; ++i) cidx[i] = (int32_t)(((start + i) / cdiv) % cmod);
-      if (v0) memcpy(vb, v0 + start, n * sizeof(T)); else {{ CONSTS for (int64_t i = 0; i < n; ++i) vb[i] = VINIT; }}
-      for (int64_t t = 0; t < K; ++t) {{
-        step_fwd(xs + t * x_stride + start, vb, hb, sb, n, tau_, kc_, vth_, vr_,
-               cidx, bn_al ? bn_al + t * cmod : 0, bn_al ? bn_be + t * cmod : 0);
-        if (hs) {{ HT* ht = hs + t * M + start; for (int64_t i = 0; i < n; ++i) ht[i] = (HT)hb[i]; }}
-        if (bits) pack_bits(sb, n, bits + (t * U + u) * UB);
-        if (out && j < Ho) {{
-          T* ot = out + t * Mo;
-          if (!out_cf || C == 1) {{          // output in the input's order: contiguous in c
-            T* row = ot + (p * Ho + j) * Wo * C;
-            for (int64_t wo = 0; wo < Wo; ++wo) {{
-              const u8* s0 = sb + wo * PK * C;
-              T* o = row + wo * C;
-              for (int64_t c = 0; c < C; ++c) {{
-                u8 m = 0;
-                for (int dh = 0; dh < PK; ++dh)
-                  for (int dw = 0; dw < PK; ++dw) m |= s0[dh * RW + dw * C + c];
-                o[c] = (T)m;
-              }}
-            }}
-          }} else {{                           // channels-first output of a channels-last input
-            for (int64_t c = 0; c < C; ++c) {{
-              T* o = ot + ((p * C + c) * Ho + j) * Wo;
-              for (int64_t wo = 0; wo < Wo; ++wo) {{
-                u8 m = 0;
-                for (int dh = 0; dh < PK; ++dh)
-                  for (int dw = 0; dw < PK; ++dw) m |= sb[dh * RW + (wo * PK + dw) * C + c];
-                o[wo] = (T)m;
-              }}
-            }}
-          }}
-        }}
-      }}
-      memcpy(v_out + start, vb, n * sizeof(T));
-    }}
-    free(vb); free(sb); free(cidx);
-  }}
-}}
-
-void pool_bwd(const T* g_out, const HT* hs, const T* dsur, const u8* bits, const T* g_vlast, T* g_x, int broadcast,
-              T* g_v0, int64_t K, int64_t P, int64_t H, int64_t W, int64_t C, int64_t k, int64_t out_cf,
-              double tau_, double kc_, double vth_, double vr_, double alpha_, int nthreads{plif_args}) {{
-  POOL_GEOM
-  CONSTS (void)VTH;
-  #pragma omp parallel num_threads(nthreads)
-  {{
-    BWD_SCRATCH
-    #pragma omp for schedule(static)
-    for (int64_t u = 0; u < U; ++u) {{
-      POOL_UNIT
-      {plif_init}
-      for (int64_t i = 0; i < n; ++i) {{ gvb[i] = g_vlast ? g_vlast[start + i] : (T)0; gacc[i] = (T)0; }}
-      for (int64_t t = K - 1; t >= 0; --t) {{
-        unpack_bits(bits + (t * U + u) * UB, n, sb);
-        memset(gsb, 0, n * sizeof(T));
-        if (g_out && j < Ho) {{
-          const T* gt = g_out + t * Mo;
-          for (int64_t wo = 0; wo < Wo; ++wo)
-            for (int64_t c = 0; c < C; ++c) {{
-              int64_t sel = (wo * PK) * C + c;    // torch's pick: the first maximum, row-major
-              int found = 0;
-              for (int64_t dh = 0; dh < PK && !found; ++dh)
-                for (int64_t dw = 0; dw < PK; ++dw) {{
-                  const int64_t idx = dh * RW + (wo * PK + dw) * C + c;
-                  if (sb[idx]) {{ sel = idx; found = 1; break; }}
-                }}
-              gsb[sel] = gt[OUT_INDEX];
-            }}
-        }}
-        {bwd_loop}
-      }}
-      for (int64_t i = 0; i < n; ++i) g_v0[start + i] = gvb[i];
-      if (broadcast) memcpy(g_x + start, gacc, n * sizeof(T));
-      {plif_done}
-    }}
-    free(scratch); free(sb); {"free(vprev);" if plif else ""}
-  }}
-}}
-"""
-    return common + flat + pool
-
-
-def _library(src: str) -> Any:
-    key = hashlib.sha256((src + " ".join(_FLAGS)).encode()).hexdigest()[:20]
-    with _LOCK:
-        if key in _LIBS:
-            return _LIBS[key]
-        os.makedirs(CACHE_DIR, exist_ok=True)
-        so = os.path.join(CACHE_DIR, f"scan_{key}.so")
-        if not os.path.exists(so):
-            with tempfile.TemporaryDirectory() as d:
-                c = os.path.join(d, "scan.c")
-                with open(c, "w") as f:
-                    f.write(src)
-                tmp_so = os.path.join(d, "scan.so")
-                cc = os.environ.get("CC", "gcc")
-                r = subprocess.run([cc, *_FLAGS, c, "-o", tmp_so, "-lm"], capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise RuntimeError(f"snncc: compiling the CPU scan kernel failed:\n{r.stderr[-2000:]}")
-                os.replace(tmp_so, so) if not os.path.exists(so) else None
-        lib = ctypes.CDLL(so)
-        _LIBS[key] = lib
-        if "void scan_fwd(" not in src:        # another kind of source (bits_source): caller types it
-            return lib
-        i64, dbl, ptr, cint = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
-        extra = [ptr, i64, ptr, ptr] if "double* gk_part" in src else []     # PLIF: xs, x_stride, v0, gk
-        lib.scan_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, dbl, dbl, dbl, dbl, cint,
-                                 ptr, ptr, i64, i64]
-        lib.scan_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, dbl, dbl, dbl, dbl, dbl,
-                                 cint] + extra
-        lib.pool_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
-                                 dbl, dbl, dbl, dbl, cint, ptr, ptr, i64, i64]
-        lib.pool_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, i64, i64, i64,
-                                 dbl, dbl, dbl, dbl, dbl, cint] + extra
-        _LIBS[key] = lib
-        return lib
-
-
-def bits_source(dtype: torch.dtype) -> str:
-    """C for packing a dense 0/1 tensor into bits (checking every value) and unpacking it, in memory order.
-
-    ``pack_check`` returns the number of ones, or -1 if a value is neither 0 nor 1 (then the caller keeps
-    the dense tensor). Bit i of the output is element i in memory order, least significant bit first.
-    """
-    T = _CTYPE[dtype]
-    return f"""// generated by snncc.runtime.cpu: spike bit-packing for {T}
-#include <stdint.h>
-typedef {T} T;
-int64_t pack_check(const T* x, int64_t n, uint8_t* out, int nthreads) {{
-  const int64_t nb = (n + 7) / 8;
-  int64_t ones = 0, bad = 0;
-  #pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+:ones, bad)
-  for (int64_t j = 0; j < nb; ++j) {{
-    uint8_t b = 0;
-    for (int k = 0; k < 8; ++k) {{
-      const int64_t i = j * 8 + k;
-      const T v = i < n ? x[i] : (T)0;
-      bad += !((v == (T)0) | (v == (T)1));
-      b |= (uint8_t)((v == (T)1) << k);
-    }}
-    out[j] = b;
-    ones += __builtin_popcount(b);
-  }}
-  return bad ? -1 : ones;
-}}
-void unpack(const uint8_t* in, int64_t n, T* out, int nthreads) {{
-  #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t i = 0; i < n; ++i) out[i] = (T)((in[i >> 3] >> (i & 7)) & 1);
-}}
-"""
-
-
-def sparse_conv_source(cob: int) -> str:
-    """C for a 2-d convolution whose input is spikes, computed from their bits (float32, channels-last).
-
-    Output-stationary: each output pixel adds, for every input spike its kernel window covers, the weight
-    column of that (kh, kw, input channel) to an accumulator over a block of ``cob`` output channels kept
-    in registers (``cob`` is a compile-time constant so the adds unroll). Work is proportional to the
-    number of spikes, not to the input size: at the spike rates SNNs run at it does a fraction of a dense
-    convolution's multiply-adds. Sums run in a different order than oneDNN's, so the result equals
-    F.conv2d to float tolerance.
-    """
-    return r"""// generated by snncc.runtime.cpu: spike-input convolution, output-channel block COB
-#include <stdint.h>
-#define COB """ + str(cob) + r"""
-// bits: the input [N, Cin, H, W] in channels-last memory order (n, h, w, c), 1 bit per element, Cin % 8 == 0
-// wt: [KH][KW][Cin][Cout]; out: [N, Cout, OH, OW] channels-last (n, oh, ow, co); Cout % COB == 0
-void sconv2d_fwd(const uint8_t* bits, const float* wt, const float* bias, float* out,
-                 int64_t N, int64_t H, int64_t W, int64_t Cin, int64_t Cout, int64_t KH, int64_t KW,
-                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t OH, int64_t OW, int nthreads) {
-  const int64_t bpp = Cin / 8;      // bytes per input pixel
-  #pragma omp parallel for schedule(static) collapse(2) num_threads(nthreads)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t oh = 0; oh < OH; ++oh)
-      for (int64_t ow = 0; ow < OW; ++ow)
-        for (int64_t c0 = 0; c0 < Cout; c0 += COB) {
-          float acc[COB];
-          for (int co = 0; co < COB; ++co) acc[co] = bias ? bias[c0 + co] : 0.0f;
-          for (int64_t kh = 0; kh < KH; ++kh) {
-            const int64_t ih = oh * sh - ph + kh;
-            if (ih < 0 || ih >= H) continue;
-            for (int64_t kw = 0; kw < KW; ++kw) {
-              const int64_t iw = ow * sw - pw + kw;
-              if (iw < 0 || iw >= W) continue;
-              const uint8_t* px = bits + ((n * H + ih) * W + iw) * bpp;
-              const float* wk = wt + (kh * KW + kw) * Cin * Cout + c0;
-              for (int64_t byte = 0; byte < bpp; ++byte) {
-                unsigned b = px[byte];
-                while (b) {
-                  const int64_t ci = byte * 8 + __builtin_ctz(b);
-                  b &= b - 1;
-                  const float* wc = wk + ci * Cout;
-                  for (int co = 0; co < COB; ++co) acc[co] += wc[co];
-                }
-              }
-            }
-          }
-          float* o = out + ((n * OH + oh) * OW + ow) * Cout + c0;
-          for (int co = 0; co < COB; ++co) o[co] = acc[co];
-        }
-}
-"""
-
-
-def sparse_block(cout: int) -> int:
-    """The output-channel block of the spike-driven conv: the largest of 64, 32, 16, 8 dividing Cout."""
-    return next((b for b in (64, 32, 16, 8) if cout % b == 0), 0)
-
-
 def sparse_conv_library(cout: int) -> Any:
+    """The compiled spike-input convolution for ``cout`` output channels (block ``sparse_block(cout)``)."""
     lib = _library(sparse_conv_source(sparse_block(cout)))
     if not getattr(lib, "_snncc_typed", False):
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -510,6 +86,24 @@ def bits_library(dtype: torch.dtype) -> Any:
     return lib
 
 
+def _scan_library(src: str) -> Any:
+    """The compiled ``kernel_source`` ``src``, its four entry points typed for ctypes (once per library)."""
+    lib = _library(src)
+    if not getattr(lib, "_snncc_typed", False):
+        i64, dbl, ptr, cint = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
+        extra = [ptr, i64, ptr, ptr] if "double* gk_part" in src else []     # PLIF: xs, x_stride, v0, gk
+        lib.scan_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, dbl, dbl, dbl, dbl, cint,
+                                 ptr, ptr, i64, i64]
+        lib.scan_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, dbl, dbl, dbl, dbl, dbl,
+                                 cint] + extra
+        lib.pool_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
+                                 dbl, dbl, dbl, dbl, cint, ptr, ptr, i64, i64]
+        lib.pool_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, i64, i64, i64,
+                                 dbl, dbl, dbl, dbl, dbl, cint] + extra
+        lib._snncc_typed = True
+    return lib
+
+
 _BY_SPEC: Dict[Any, Any] = {}
 
 
@@ -520,7 +114,7 @@ def _kernels(spec: NeuronSpec, dtype: torch.dtype, pool: Optional[int]) -> Any:
         spec, surrogate=dataclasses.replace(spec.surrogate, fn=None)), dtype, pool)
     lib = _BY_SPEC.get(key)
     if lib is None:
-        lib = _BY_SPEC[key] = _library(kernel_source(spec, dtype, pool=pool))
+        lib = _BY_SPEC[key] = _scan_library(kernel_source(spec, dtype, pool=pool))
     return lib
 
 

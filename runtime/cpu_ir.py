@@ -1,5 +1,5 @@
 """CPU backend for lifted neurons: the scan of any :class:`~snncc.neuron_ir.NeuronIR` as one generated C
-kernel (OpenMP), forward and backward, compiled and cached like the built-in scans (``cpu._library``).
+kernel (OpenMP), forward and backward, compiled and cached like the built-in scans (``cbuild._library``).
 
 Layout of work (as the built-in scans, DESIGN.md's measured best on this machine): a thread takes a block
 of ``BLK`` neurons, keeps their states in local arrays and walks time inside the block. Step 0 from the
@@ -22,7 +22,7 @@ import torch
 
 from snncc.neuron_ir import NeuronIR
 from . import ir_codegen as cg
-from .cpu import _library, compiler_available
+from .cbuild import _library, compiler_available
 
 __all__ = ["ir_source", "ir_c_scan", "c_supports_ir"]
 

@@ -171,7 +171,7 @@ def _sparse_linear(bits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 class _PackedConv(torch.autograd.Function):
     """A convolution of spikes: input kept as bits for backward; on CPU, when the spikes are sparse enough,
-    the forward itself is computed from the bits (``cpu.sparse_conv_source``), work proportional to the
+    the forward itself is computed from the bits (``cpu_source.sparse_conv_source``), work proportional to the
     number of spikes."""
 
     @staticmethod

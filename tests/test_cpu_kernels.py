@@ -1,4 +1,5 @@
-"""The generated C scans (runtime/cpu.py) against the reference torch scan: every IF/LIF/PLIF variant.
+"""The generated C scans (runtime/cpu_source.py, run by runtime/cpu.py) against the reference torch scan:
+every IF/LIF/PLIF variant.
 
 Spikes and final membrane potentials must be bit-identical (same IEEE operations, no FMA contraction);
 gradients equal to float tolerance (the surrogate's exp may differ by an ulp between libm and torch).
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 from snncc.neurons import NeuronSpec
-from snncc.runtime import cpu
-from snncc.runtime.reference import neuron_scan
+from snncc.runtime import cbuild, cpu
+# the dispatcher (C scan unless SNNCC_BACKEND=reference): runtime.reference.neuron_scan is torch only
+from snncc.runtime.dispatch import neuron_scan
 from snncc.surrogate import KNOWN_SURROGATES, SurrogateSpec
 
 pytestmark = pytest.mark.skipif(not cpu.compiler_available(), reason="no C compiler")
@@ -132,8 +134,9 @@ def test_saved_for_backward_is_h_and_bits(monkeypatch):
 
 
 def test_kernel_source_is_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu, "CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu, "_LIBS", {})
+    # the cache lives in runtime/cbuild.py: patched there (setting cpu.CACHE_DIR would change nothing)
+    monkeypatch.setattr(cbuild, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cbuild, "_LIBS", {})
     spec = NeuronSpec("lif", SurrogateSpec("atan", 2.0))
     src = cpu.kernel_source(spec, torch.float32)
     assert "scan_fwd" in src and "scan_bwd" in src and "-ffast-math" not in " ".join(cpu._FLAGS)
@@ -141,7 +144,7 @@ def test_kernel_source_is_cached(tmp_path, monkeypatch):
     files = list(tmp_path.glob("scan_*.so"))
     assert len(files) == 1
     mtime = files[0].stat().st_mtime_ns
-    monkeypatch.setattr(cpu, "_LIBS", {})
+    monkeypatch.setattr(cbuild, "_LIBS", {})
     cpu._library(src)                      # second load: from disk, not recompiled
     assert files[0].stat().st_mtime_ns == mtime
 
