@@ -226,6 +226,8 @@ def _candidates(m: nn.Module, lifted: Optional[Lifted]) -> List[Tuple[NeuronSpec
 
 def _builtin(m: nn.Module, lifted: Optional[Lifted]) -> Optional[Tuple[NeuronSpec, Tuple[str, ...]]]:
     snap = snapshot_attrs(m)
+    if lifted is not None and len(lifted.state_attrs) != 1:
+        return None
     attr = lifted.state_attrs[0] if lifted is not None else "v"
     try:
         with torch.random.fork_rng(devices=[]):

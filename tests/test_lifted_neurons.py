@@ -383,3 +383,20 @@ def test_switching_train_and_eval_does_not_lift_again(monkeypatch):
         getattr(cm, mode)()
         cm(x)
     assert calls == []
+
+
+def test_module_with_reset_but_no_state_compiles():
+    """Regression: a resettable module whose forward keeps no state crashed recognition (IndexError)."""
+    class Gate(nn.Module):
+        def reset(self):
+            pass
+
+        def forward(self, x):
+            return (x >= 0.5).to(x.dtype) * x
+
+    model = nn.Sequential(nn.Linear(3, 4), Gate())
+    b = bind(model[1]).binding
+    assert b is not None and b.how == "lifted"
+    x = torch.rand(2, 3)
+    out = snncc.compile(model, T=3)(x)
+    assert torch.equal(out, torch.stack([model(x)] * 3))
