@@ -22,6 +22,7 @@ import torch
 
 from snncc.neuron_ir import NeuronIR
 from . import ir_codegen as cg
+from .codegen import EXP_FLOAT
 from .cbuild import _library, compiler_available
 
 __all__ = ["ir_source", "ir_c_scan", "c_supports_ir"]
@@ -110,7 +111,7 @@ def ir_source(first: NeuronIR, steady: NeuronIR, full: Tuple[bool, ...]) -> str:
         for k, sp in enumerate(ir.spike_ops):
             if ir.surrogates[sp.attr("surrogate")].opaque:
                 lines.append(f"        const {zt(ir, k)} DSUR{k} = D{k}[toff];")
-        lines.append(cg.backward_body(ir))
+        lines.append(cg.backward_body(ir, exp_float="snn_expf"))
         gx = "g_x" if ir.dtype("x") in ("float32", "float64") else "0"
         lines.append(f"        if (xts) GX[toff] = ({XT}){gx}; else gxb[i] += {gx};")
         for j, s in enumerate(ir.states):
@@ -161,6 +162,7 @@ def ir_source(first: NeuronIR, steady: NeuronIR, full: Tuple[bool, ...]) -> str:
 #include <stdlib.h>
 #include <math.h>
 #define BLK {_BLOCK}
+{EXP_FLOAT}
 
 /* P: X, S0[ns], PAR[np], OUT, SN[ns], Z[nsp] */
 void ir_fwd(int64_t M, int64_t K, int64_t xts, int has_st0, void** P) {{

@@ -70,8 +70,9 @@ def _defined(ir: NeuronIR, name: str) -> bool:
 
 
 class _Emitter:
-    def __init__(self, ir: NeuronIR) -> None:
+    def __init__(self, ir: NeuronIR, exp_float: str = "expf") -> None:
         self.ir = ir
+        self.exp_float = exp_float
         self.dt: Dict[str, str] = dict(ir.dtypes)
 
     def arg(self, a: object, to: str) -> str:
@@ -261,7 +262,8 @@ class _Emitter:
             return [self.acc(z, f"{gy} * ({ctype(zd)})DSUR{k}")]
         snippet = SURROGATES[sur.name]
         t = ctype(zd)
-        snippet = snippet.replace("(T)", f"({t})").replace("EXP(", _fn("exp", zd) + "(")
+        exp = self.exp_float if zd == "float32" else _fn("exp", zd)
+        snippet = snippet.replace("(T)", f"({t})").replace("EXP(", exp + "(")
         snippet = snippet.replace("FABS(", _fn("fabs", zd) + "(").replace("M_PI", "3.141592653589793")
         snippet = re.sub(r"\bA\b", literal(sur.alpha, zd), snippet)
         snippet = re.sub(r"\bT\b", t, snippet)
@@ -282,8 +284,10 @@ def forward_body(ir: NeuronIR, indent: str = "        ") -> str:
     return "\n".join(_Emitter(ir).forward(indent))
 
 
-def backward_body(ir: NeuronIR, indent: str = "        ") -> str:
+def backward_body(ir: NeuronIR, indent: str = "        ", exp_float: str = "expf") -> str:
     """C statements accumulating ``g_<value>`` for every value, from the adjoints of the outputs and new
     states (which the caller has added to their ``g_`` variables), after :func:`forward_body`. A spike op
-    with a user surrogate reads its precomputed derivative ``DSUR<k>`` (k: its index among spike ops)."""
-    return "\n".join(_Emitter(ir).backward(indent))
+    with a user surrogate reads its precomputed derivative ``DSUR<k>`` (k: its index among spike ops).
+    ``exp_float``: the float ``exp`` a known surrogate's derivative calls (the C target passes its
+    vectorizable ``snn_expf``: gradients are to float tolerance; forward values never use it)."""
+    return "\n".join(_Emitter(ir, exp_float).backward(indent))
