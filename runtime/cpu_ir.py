@@ -33,10 +33,22 @@ _LOCK = threading.Lock()
 _TORCH_CT = {torch.float32: "float32", torch.float64: "float64", torch.bool: "bool"}
 
 
+_CHECKED: Dict[Tuple[int, int], Tuple[NeuronIR, NeuronIR, Optional[str]]] = {}
+
+
 def c_supports_ir(first: NeuronIR, steady: NeuronIR) -> Optional[str]:
-    """None when the C scan can run these steps; else the reason (the reference scan runs them)."""
+    """None when the C scan can run these steps; else the reason (the reference scan runs them).
+
+    NOTE: asked at every scan call: the walk over the IR is memoized per (first, steady) pair."""
     if not compiler_available():
         return "no C compiler"
+    hit = _CHECKED.get((id(first), id(steady)))
+    if hit is None or hit[0] is not first or hit[1] is not steady:
+        hit = _CHECKED[(id(first), id(steady))] = (first, steady, _ir_unsupported(first, steady))
+    return hit[2]
+
+
+def _ir_unsupported(first: NeuronIR, steady: NeuronIR) -> Optional[str]:
     why = cg.supported_ir(first) or cg.supported_ir(steady)
     if why:
         return why
@@ -124,9 +136,11 @@ def ir_source(first: NeuronIR, steady: NeuronIR, full: Tuple[bool, ...]) -> str:
         lines.append("      }")
         return "\n".join(lines)
 
-    unpack_f = [f"const {XT}* X = (const {XT}*)P[0];"]
-    unpack_f += [f"const {ST[j]}* S0{j} = (const {ST[j]}*)P[{1 + j}];" for j in range(ns)]
-    unpack_f += [f"const {PT[j]}* PAR{j} = (const {PT[j]}*)P[{1 + ns + j}];" for j in range(npar)]
+    # both entry points start with the same inputs: X, S0[ns], PAR[np]
+    inputs = [f"const {XT}* X = (const {XT}*)P[0];"]
+    inputs += [f"const {ST[j]}* S0{j} = (const {ST[j]}*)P[{1 + j}];" for j in range(ns)]
+    inputs += [f"const {PT[j]}* PAR{j} = (const {PT[j]}*)P[{1 + ns + j}];" for j in range(npar)]
+    unpack_f = list(inputs)
     base = 1 + ns + npar
     unpack_f += [f"{OT}* OUT = ({OT}*)P[{base}];"]
     unpack_f += [f"{ST[j]}* SN{j} = ({ST[j]}*)P[{base + 1 + j}];" for j in range(ns)]
@@ -135,9 +149,7 @@ def ir_source(first: NeuronIR, steady: NeuronIR, full: Tuple[bool, ...]) -> str:
     init_st = " ".join(f"for (int64_t i = 0; i < n; ++i) st{j}[i] = S0{j}[start + i];" for j in range(ns))
     write_st = " ".join(f"for (int64_t i = 0; i < n; ++i) SN{j}[start + i] = st{j}[i];" for j in range(ns))
 
-    unpack_b = [f"const {XT}* X = (const {XT}*)P[0];"]
-    unpack_b += [f"const {ST[j]}* S0{j} = (const {ST[j]}*)P[{1 + j}];" for j in range(ns)]
-    unpack_b += [f"const {PT[j]}* PAR{j} = (const {PT[j]}*)P[{1 + ns + j}];" for j in range(npar)]
+    unpack_b = list(inputs)
     b = 1 + ns + npar
     unpack_b += [f"const {OT}* GOUT = (const {OT}*)P[{b}];"]
     unpack_b += [f"const {ST[j]}* GSN{j} = (const {ST[j]}*)P[{b + 1 + j}];" for j in range(ns)]

@@ -69,6 +69,22 @@ def _defined(ir: NeuronIR, name: str) -> bool:
     return name == ir.x or name in ir.states or name in ir.params or any(o.out == name for o in ir.ops)
 
 
+#: d(op)/d(a) times the incoming adjoint ``gy``, for one-argument ops (``y`` is the op's value), as torch's
+#: derivatives.yaml writes them
+_UNARY_ADJOINTS = {
+    "neg": "-{gy}",
+    "exp": "{gy} * {y}",
+    "log": "{gy} / {a}",
+    "sigmoid": "{gy} * ({one} - {y}) * {y}",
+    "tanh": "{gy} * ({one} - {y} * {y})",
+    "abs": "{gy} * ({ct})(({a} > 0) - ({a} < 0))",
+    "sqrt": "{gy} / ({two} * {y})",
+    "rsqrt": "{mhalf} * {gy} * ({y} * {y} * {y})",
+    "reciprocal": "-{gy} * ({y} * {y})",
+    "relu": "{y} > 0 ? {gy} : {zero}",
+}
+
+
 class _Emitter:
     def __init__(self, ir: NeuronIR, exp_float: str = "expf") -> None:
         self.ir = ir
@@ -212,26 +228,9 @@ class _Emitter:
             s += [self.acc(a[1], f"{c} ? {gy} : {lit(0)}"), self.acc(a[2], f"{c} ? {lit(0)} : {gy}")]
         elif op in ("cast", "copy"):
             s += [self.acc(a[0], f"g_{y}")]
-        elif op == "neg":
-            s += [self.acc(a[0], f"-{gy}")]
-        elif op == "exp":
-            s += [self.acc(a[0], f"{gy} * {y}")]
-        elif op == "log":
-            s += [self.acc(a[0], f"{gy} / {A[0]}")]
-        elif op == "sigmoid":
-            s += [self.acc(a[0], f"{gy} * ({lit(1)} - {y}) * {y}")]
-        elif op == "tanh":
-            s += [self.acc(a[0], f"{gy} * ({lit(1)} - {y} * {y})")]
-        elif op == "abs":
-            s += [self.acc(a[0], f"{gy} * ({ctype(cd)})(({A[0]} > 0) - ({A[0]} < 0))")]
-        elif op == "sqrt":
-            s += [self.acc(a[0], f"{gy} / ({lit(2)} * {y})")]
-        elif op == "rsqrt":
-            s += [self.acc(a[0], f"{lit(-0.5)} * {gy} * ({y} * {y} * {y})")]
-        elif op == "reciprocal":
-            s += [self.acc(a[0], f"-{gy} * ({y} * {y})")]
-        elif op == "relu":
-            s += [self.acc(a[0], f"{y} > 0 ? {gy} : {lit(0)}")]
+        elif op in _UNARY_ADJOINTS:
+            s += [self.acc(a[0], _UNARY_ADJOINTS[op].format(gy=gy, y=y, a=A[0], ct=ctype(cd), one=lit(1),
+                                                             two=lit(2), mhalf=lit(-0.5), zero=lit(0)))]
         elif op == "pow":
             e = o.attr("exponent")
             if e == 0:

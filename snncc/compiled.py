@@ -13,7 +13,7 @@ from torch import nn
 from .config import Options
 from .errors import InputError
 from .frontend import is_stateful, reset_module, trace_unrolled
-from .recognize import bind, config_key
+from .recognize import bind_keyed
 from .pipeline import Compiled, compile_graph
 from snncc import passes
 from snncc.runtime import Executor
@@ -46,8 +46,8 @@ def _signature(args: Tuple[Any, ...], model: nn.Module) -> Tuple[Any, ...]:
     for name, m in model.named_modules():
         config.append(m.training)
         if name and is_stateful(m):
-            bind(m)                     # NOTE: first, so config_key knows (and leaves out) its state attributes
-            config.append((name, config_key(m)))
+            # NOTE: the key after binding: config_key then knows (and leaves out) the state attributes
+            config.append((name, bind_keyed(m)[1]))
     plain = tuple(sorted((k, v) for k, v in vars(model).items()
                          if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))))
     return sig + (tuple(config), plain)

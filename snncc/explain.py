@@ -36,6 +36,7 @@ from torch import nn
 
 from .errors import InputError
 from .ir import Task
+from .lift import snapshot_attrs
 
 __all__ = ["explain", "Explanation", "Layer", "task_fates", "opaque_reasons", "neuron_kernel"]
 
@@ -243,9 +244,6 @@ class Explanation:
 
 
 # --------------------------------------------------------------------------- leaving the model as it was
-_INTERNAL = ("_parameters", "_buffers", "_modules", "_memories", "_memories_rv")
-
-
 class _ModelState:
     """Everything a forward may change in a model: buffers (values too: BatchNorm updates them in place),
     plain and tensor attributes (neuron states), SpikingJelly memories, parameters' ``.grad``."""
@@ -253,33 +251,15 @@ class _ModelState:
     def __init__(self, model: nn.Module) -> None:
         self.mods: List[Tuple[nn.Module, Dict[Tuple[str, str], Any], Dict[Tuple[str, str], torch.Tensor]]] = []
         for m in model.modules():
-            refs: Dict[Tuple[str, str], Any] = {}
-            for k, v in vars(m).items():
-                if k not in _INTERNAL and not k.startswith(("_forward", "_backward", "_state_dict", "_load")):
-                    refs[("attr", k)] = v
-            for k, v in m._buffers.items():
-                refs[("buffer", k)] = v
-            mem = vars(m).get("_memories")
-            if isinstance(mem, dict):
-                for k, v in mem.items():
-                    refs[("memory", k)] = v
+            refs = snapshot_attrs(m)
             values = {key: v.detach().clone() for key, v in refs.items() if isinstance(v, torch.Tensor)}
             self.mods.append((m, refs, values))
         self.grads = [(p, p.grad) for p in model.parameters()]
 
     @staticmethod
     def _now(m: nn.Module) -> Dict[Tuple[str, str], Any]:
-        out: Dict[Tuple[str, str], Any] = {}
-        for k, v in vars(m).items():
-            if k not in _INTERNAL and not k.startswith("_"):
-                out[("attr", k)] = v
-        for k, v in m._buffers.items():
-            out[("buffer", k)] = v
-        mem = vars(m).get("_memories")
-        if isinstance(mem, dict):
-            for k, v in mem.items():
-                out[("memory", k)] = v
-        return out
+        """What the module holds now, private attributes aside (those a run may add are torch's)."""
+        return {key: v for key, v in snapshot_attrs(m).items() if not (key[0] == "attr" and key[1].startswith("_"))}
 
     def restore(self) -> None:
         with torch.no_grad():

@@ -86,7 +86,7 @@ def snapshot_attrs(m: nn.Module) -> Dict[Tuple[str, str], Any]:
     snap: Dict[Tuple[str, str], Any] = {}
     for k, v in vars(m).items():
         if k not in ("_parameters", "_buffers", "_modules", "_memories", "_memories_rv") and \
-                not k.startswith("_forward") and not k.startswith("_backward"):
+                not k.startswith(("_forward", "_backward", "_state_dict", "_load")):
             snap[("attr", k)] = v
     for k, v in m._buffers.items():
         snap[("buffer", k)] = v

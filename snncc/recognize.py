@@ -32,7 +32,7 @@ from .lift import known_surrogate
 from .neurons import BaseNeuron, NeuronSpec, initial_state, step
 from .surrogate import SurrogateSpec, plain_step_surrogate
 
-__all__ = ["NeuronBinding", "Recognition", "bind", "config_key", "LiftedSteps"]
+__all__ = ["NeuronBinding", "Recognition", "bind", "bind_keyed", "config_key", "LiftedSteps"]
 
 
 class LiftedSteps:
@@ -125,12 +125,18 @@ _STATE_NAMES: Dict[int, Tuple[Any, Tuple[str, ...]]] = {}
 
 def bind(m: nn.Module) -> Recognition:
     """Recognize ``m`` (see the module docstring); cached per module and configuration."""
+    return bind_keyed(m)[0]
+
+
+def bind_keyed(m: nn.Module) -> Tuple[Recognition, Tuple[Any, ...]]:
+    """:func:`bind` and the module's :func:`config_key` after it (its state attributes then known and left
+    out): what a compiled model's specialization key needs, computed once per call."""
     key = config_key(m)
     hit = _CACHE.get(id(m))
     if hit is not None and hit[0]() is m:
         found = hit[1].get(key)
         if found is not None:
-            return found
+            return found, key
     else:
         hit = _CACHE[id(m)] = (weakref.ref(m), {})
     rec = _recognize(m)
@@ -140,10 +146,11 @@ def bind(m: nn.Module) -> Recognition:
     hit[1][key] = rec
     if names:
         _STATE_NAMES[id(m)] = (weakref.ref(m), names)
-        hit[1][config_key(m)] = rec
+        key = config_key(m)
+        hit[1][key] = rec
     if len(hit[1]) > 16:                       # a module reconfigured many times: keep the recent ones
         hit[1].pop(next(iter(hit[1])))
-    return rec
+    return rec, key
 
 
 def _recognize(m: nn.Module) -> Recognition:
