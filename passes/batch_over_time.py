@@ -25,8 +25,9 @@ from .tag_timesteps import NodeTag
 
 __all__ = ["Group", "batch_over_time", "batchable_module", "GROUP_KINDS"]
 
-#: what a group runs as: "batched" (one op over K steps), "scan" (a neuron over K steps), "single".
-GROUP_KINDS = ("batched", "scan", "single")
+#: what a group runs as: "batched" (one op over K steps), "scan" (a neuron over K steps), "recurrent" (a
+#: neuron fed back its own spikes through a Linear, as one fused loop), "single".
+GROUP_KINDS = ("batched", "scan", "recurrent", "single")
 
 _BATCHABLE_MODULES = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
@@ -52,6 +53,15 @@ class Group:
     nodes: Tuple[str, ...]
     kind: str
     target: Optional[str] = None     # stateful module qualname (state edges chain its groups)
+    #: recurrent groups: the nodes folded into the cell (the adds and the recurrent Linear's calls) and
+    #: that Linear's qualname (see passes/fuse_recurrence.py)
+    absorbed: Tuple[str, ...] = ()
+    linear: Optional[str] = None
+
+    @property
+    def all_nodes(self) -> Tuple[str, ...]:
+        """Every fx node this group's task runs: its members and what it absorbed."""
+        return self.nodes + self.absorbed
 
 
 def batchable_module(m: nn.Module) -> bool:
@@ -133,12 +143,13 @@ def _ordered_nodes(traced: Traced) -> List[fx.Node]:
 
 
 def _group_graph(traced: Traced, groups: List[Group]) -> nx.DiGraph:
-    owner = {n: i for i, g in enumerate(groups) for n in g.nodes}
+    owner = {n: i for i, g in enumerate(groups) for n in g.all_nodes}
     gg = nx.DiGraph()
     gg.add_nodes_from(range(len(groups)))
     for node in traced.graph.nodes:
         for a in node.all_input_nodes:
-            gg.add_edge(owner[a.name], owner[node.name])
+            if owner[a.name] != owner[node.name] or groups[owner[a.name]].kind != "recurrent":
+                gg.add_edge(owner[a.name], owner[node.name])
     chain = _ordered_nodes(traced)
     for a, b in zip(chain, chain[1:]):
         gg.add_edge(owner[a.name], owner[b.name])
@@ -152,7 +163,7 @@ def _group_graph(traced: Traced, groups: List[Group]) -> nx.DiGraph:
     return gg
 
 
-def _chunked(groups: List[Group], chunk: Optional[int]) -> List[Group]:
+def _chunked(groups: List[Group], chunk: Optional[int], tags: Dict[str, NodeTag]) -> List[Group]:
     """Groups of more than ``chunk`` steps split into consecutive chunks (tasks = (layer, time-chunk))."""
     if chunk is None:
         return groups
@@ -160,6 +171,15 @@ def _chunked(groups: List[Group], chunk: Optional[int]) -> List[Group]:
     for g in groups:
         if g.kind == "single" or len(g.nodes) <= chunk:
             out.append(g)
+            continue
+        if g.kind == "recurrent":
+            # each chunk takes the add and the Linear call of each of its steps (``absorbed`` holds them
+            # in step order, two per step from step 1: see fuse_recurrence)
+            for i in range(0, len(g.nodes), chunk):
+                part = g.nodes[i:i + chunk]
+                lo, hi = max(i, 1), i + len(part)
+                out.append(Group(g.layer, part, "recurrent", g.target, g.absorbed[2 * (lo - 1):2 * (hi - 1)],
+                                 g.linear))
             continue
         for i in range(0, len(g.nodes), chunk):
             part = g.nodes[i:i + chunk]
@@ -175,18 +195,23 @@ def batch_over_time(traced: Traced, tags: Dict[str, NodeTag], chunk: Optional[in
     """
     if chunk is not None and chunk < 1:
         raise ValueError(f"batch_over_time: chunk must be >= 1, got {chunk}")
-    groups = _chunked(_initial_groups(traced, tags), chunk)
+    from .fuse_recurrence import fuse_recurrence
+    groups = _chunked(fuse_recurrence(traced, tags, _initial_groups(traced, tags)), chunk, tags)
     while True:
         gg = _group_graph(traced, groups)
         cyclic = {i for comp in nx.strongly_connected_components(gg) if len(comp) > 1 for i in comp}
         cyclic |= {u for u, v in gg.edges if u == v}
-        cyclic = {i for i in cyclic if len(groups[i].nodes) > 1}
+        cyclic = {i for i in cyclic if len(groups[i].all_nodes) > 1}
         if not cyclic:
             break
         new: List[Group] = []
         for i, g in enumerate(groups):
             if i in cyclic:
-                new.extend(Group(g.layer, (n,), g.kind if g.kind == "scan" else "single", g.target) for n in g.nodes)
+                # NOTE: a recurrent cell caught in a larger cycle (fed back from a later layer) goes back
+                # to its parts, one task per step, like any other group in a cycle
+                new.extend(Group(g.layer, (n,), "scan" if g.kind in ("scan", "recurrent") else "single", g.target)
+                           for n in g.nodes)
+                new.extend(Group(tags[n].layer, (n,), "single") for n in g.absorbed)
             else:
                 new.append(g)
         groups = new

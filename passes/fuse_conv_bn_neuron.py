@@ -52,7 +52,8 @@ def _sole_reader(tg: TaskGraph, task: Task) -> Optional[Task]:
 
 def _fuse_pool(tg: TaskGraph, traced: Traced) -> TaskGraph:
     for task in list(tg.tasks()):
-        if task.kind != "neuron" or task.fusion("maxpool_epilogue") or task.name not in tg.graph:
+        if task.kind != "neuron" or task.fusion("maxpool_epilogue") or task.fusion("recurrent") or \
+                task.name not in tg.graph:
             continue
         reader = _sole_reader(tg, task)
         if reader is None or reader.kind != "module" or not _reads_all_steps(reader, task):

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from snncc.neuron_ir import hoist_static, run_prelude
 from snncc.neurons import NeuronSpec
-from . import cpu, cpu_ir, reference
+from . import cpu, cpu_ir, cpu_recurrent, reference
 
-__all__ = ["Backend", "BACKENDS", "neuron_scan", "lifted_neuron_scan", "backend_for"]
+__all__ = ["Backend", "BACKENDS", "neuron_scan", "lifted_neuron_scan", "recurrent_cell_scan", "backend_for"]
 
 Result = Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]
 
@@ -188,6 +188,25 @@ def lifted_neuron_scan(lifted: Any, x: torch.Tensor, K: int, broadcast: bool,
         res = b.scan_lifted(kernel, x, K, broadcast, state, tuple(params) + derived)
     if res is None:                 # a backend may decline at run time (a dtype it does not generate)
         res = _ref_scan_lifted(lifted, x, K, broadcast, state, params)
+    return res
+
+
+def recurrent_cell_scan(lifted: Any, e: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+                        sp0: Optional[torch.Tensor], state: Optional[Sequence[torch.Tensor]],
+                        params: Sequence[torch.Tensor]) -> Result:
+    """A recurrent cell (a neuron fed back its spikes through ``w``, ``b``) over ``e``'s K steps: the C loop
+    of ``cpu_recurrent`` when it claims the tensors, else the torch reference loop (any device; and under
+    autocast, where eager's Linear runs in lower precision). ``(spikes [K, N, H], final states)``."""
+    res = None
+    if not torch.is_autocast_enabled(e.device.type):
+        kernel, prelude = _kernel_steps(lifted)
+        if cpu_recurrent.c_supports_rec(kernel.first, kernel.steady) is None:
+            derived = run_prelude(prelude, dict(zip(lifted.steady.params, params)), e[0],
+                                  kernel.steady.params[len(params):])
+            res = cpu_recurrent.rec_c_scan(kernel.first, kernel.steady, e, w, b, sp0, state,
+                                           tuple(params) + derived)
+    if res is None:
+        res = reference.recurrent_scan(lifted.first, lifted.steady, e, w, b, sp0, state, params)
     return res
 
 

@@ -22,7 +22,7 @@ from .batchnorm import batch_norm_steps
 from .cpu import c_bn_scan, supports as cpu_supports
 from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
-from .dispatch import lifted_neuron_scan, neuron_scan
+from .dispatch import lifted_neuron_scan, neuron_scan, recurrent_cell_scan
 from snncc.lift import _set_state
 
 
@@ -122,6 +122,7 @@ class Executor:
             for f in t.fused:
                 self.modules[f.module] = traced.root.get_submodule(f.module)
         # neuron tasks read only by flattens get channels-first pooled output (fixed per schedule)
+        self._cell_lifts: Dict[str, Any] = {}     # recurrent cells of built-in neurons: their lifted steps
         self.flattened = {t.name for t in self.tasks if t.kind == "neuron" and self._flattened(t)}
         self.handlers: Dict[str, Callable[[Task, _Run], Any]] = {
             "placeholder": self._placeholder, "get_attr": self._get_attr, "module": self._module,
@@ -262,6 +263,8 @@ class Executor:
 
     def _neuron(self, task: Task, run: _Run) -> Any:
         binding = self.traced.bindings[task.target]
+        if task.fusion("recurrent") is not None:
+            return self._recurrent(task, run, binding)
         if binding.spec is None:
             return self._lifted_neuron(task, run, binding)
         m = self.modules[task.target]
@@ -348,6 +351,40 @@ class Executor:
             else:
                 out = torch.stack([pm(o) for o in out])
         return out.reshape(K * out.shape[1], *out.shape[2:]) if out.dim() > 1 else out
+
+    def _cell_steps(self, task: Task, m: nn.Module, binding: Any, dtype: torch.dtype) -> Any:
+        """The neuron's lifted step for a recurrent cell (built-in neurons are lifted too, on first use)."""
+        lifted = binding.lifted
+        if lifted is None:
+            lifted = self._cell_lifts.get(task.target)
+            if lifted is None:
+                from snncc.lift import lift_neuron
+                from snncc.recognize import LiftedSteps
+                lifted = self._cell_lifts[task.target] = LiftedSteps(lift_neuron(m, dtype))
+        return lifted.get(m, dtype)
+
+    def _recurrent(self, task: Task, run: _Run, binding: Any) -> Any:
+        """A recurrent cell (passes/fuse_recurrence.py): the neuron and the Linear of its own previous
+        spikes over the chunk's steps, as one loop (C on CPU; the torch loop elsewhere and under AMP)."""
+        m = self.modules[task.target]
+        lin = self.modules[task.fusion("recurrent").module]
+        e, broadcast, K = self._neuron_input(task, run)
+        if broadcast:
+            e = e.expand(K, *e.shape)
+        sp0 = None if task.args[1] is None else self._value(run, task.args[1])
+        state0 = run.states.get(task.target)
+        lifted = self._cell_steps(task, m, binding, e.dtype if e.dtype.is_floating_point else torch.float32)
+        shape = e.shape
+        e3 = e.reshape(K, shape[1], -1)
+        sp = None if sp0 is None else sp0.reshape(shape[1], -1)
+        st = None if state0 is None else tuple(s.reshape(shape[1], -1) for s in state0)
+        out, state = recurrent_cell_scan(lifted, e3, lin.weight, lin.bias, sp, st, lifted.params(m))
+        state = tuple(s.reshape(shape[1:]) for s in state)
+        run.states[task.target] = state
+        if self.last_chunk[task.target] == task.name:
+            for name, v in zip(lifted.state_attrs, state):
+                _set_state(m, name, v)
+        return out.reshape(K * shape[1], *shape[2:])
 
     def _eager_steps(self, task: Task, run: _Run, m: nn.Module, xs: torch.Tensor, broadcast: bool, K: int,
                      why: str) -> Any:
@@ -452,9 +489,23 @@ class Executor:
         what = f"module '{task.target}' ({type(self.modules[task.target]).__name__})" \
             if task.target in self.modules else f"{task.kind} '{getattr(task.target, '__name__', task.target)}'"
         shapes = [tuple(v.shape) for v in run.env["__inputs__"] if isinstance(v, torch.Tensor)]
-        hint = ""
-        if self.traced.form == "static" and shapes and len(shapes[0]) >= 3:
-            hint = ("\n  If your input already has a time dimension [T, N, ...], compile with "
-                    "snncc.compile(model, sequence=True) instead of T=.")
+        hint = _hint(self.traced.root, exc)
         return TaskFailure(f"{what} failed at {task.label} on input shape(s) {shapes}: "
                            f"{type(exc).__name__}: {exc}{hint}")
+
+
+def _hint(root: nn.Module, exc: BaseException) -> str:
+    """A hint for a TaskFailure, only where it is certainly right: the model's own parameters and buffers
+    are split over several devices or floating dtypes and torch complained about that. (A wrong input is
+    caught before any task runs, as an InputError naming the fix: snncc/inputs.py.)"""
+    text = str(exc).lower()
+    tensors = [t for t in list(root.parameters()) + list(root.buffers()) if t.is_floating_point()]
+    devices = sorted({str(t.device) for t in tensors})
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors})
+    if len(devices) > 1 and "device" in text:
+        return (f"\n  The model's parameters and buffers are on several devices ({', '.join(devices)}): move "
+                "the whole model, e.g. cmodel.to(device).")
+    if len(dtypes) > 1 and any(w in text for w in ("dtype", "scalar type", "same type", "type (")):
+        return (f"\n  The model's parameters and buffers have several dtypes ({', '.join(dtypes)}): cast the "
+                "whole model, e.g. cmodel.to(torch.float32).")
+    return ""

@@ -15,13 +15,14 @@ recognized by their class's module path.
 """
 from __future__ import annotations
 
+import contextlib
 import linecache
 import sys
 import traceback
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
 import torch
 import torch.fx as fx
@@ -29,6 +30,7 @@ from torch import nn
 
 from .errors import TraceFailure
 from .neurons import BaseNeuron
+from .lift import restore_attrs, snapshot_attrs
 from .recognize import NeuronBinding, bind
 
 __all__ = ["NeuronBinding", "bind_neuron", "is_stateful", "reset_module", "trace_unrolled", "Traced",
@@ -141,7 +143,7 @@ class _SNNTracer(fx.Tracer):
         if isinstance(m, self.leaf_types):
             self.opaque.add(qualname)
             return True
-        if is_stateful(m):
+        if is_stateful(m) and not _traced_through(m):
             return True
         return super().is_leaf_module(m, qualname) or _is_torch_leaf(m)
 
@@ -183,18 +185,36 @@ def _user_frame(tb) -> Optional[traceback.FrameSummary]:
 
 
 def _trace_error(model: nn.Module, exc: BaseException, stack: List[str]) -> TraceFailure:
+    """What to say when torch.fx cannot trace the model: where (file, line, code, module) and the ways out
+    that work there. In a submodule: declare its class a leaf. In the model's own forward (the root, never a
+    module call of the trace, so leaf_modules cannot name it): rewrite with tensor ops, or move the code into
+    a submodule that can be a leaf."""
     fr = _user_frame(exc.__traceback__)
     where = f"{fr.filename}:{fr.lineno}" if fr else "unknown location"
     code = (linecache.getline(fr.filename, fr.lineno).strip() if fr else "") or "?"
     mod = stack[-1] if stack else ""
-    mod_desc = f"module '{mod}' ({type(model.get_submodule(mod)).__name__})" if mod else \
-        f"the model's forward ({type(model).__name__})"
+    cls = type(model.get_submodule(mod)).__name__ if mod else type(model).__name__
+    mod_desc = f"module '{mod}' ({cls})" if mod else f"the model's forward ({cls})"
+    control = "control flow" in str(exc) or code.startswith(("if ", "elif ", "while ", "assert ")) \
+        or " if " in code
+    what = ("torch.fx needs control flow that does not depend on tensor values" if control else
+            "torch.fx records tensor operations without running them, so Python that needs a tensor's value "
+            "(bool(), int(), .item(), .tolist(), iterating over it, numpy) cannot be traced")
+    rewrite = ("  - rewrite the condition with tensor ops: `y = torch.where(cond, a, b)` instead of "
+               "`if cond: y = a else: y = b` (or multiply by a mask, `y = b + cond * (a - b)`), or\n"
+               if control else "  - rewrite it with tensor ops (torch.where, masking, shapes from .shape), or\n")
+    if mod:
+        return TraceFailure(
+            f"snncc could not trace {mod_desc} at {where}: `{code}`\n  {type(exc).__name__}: {exc}\n"
+            f"  {what}. Ways out:\n{rewrite}"
+            f"  - pass leaf_modules=[{cls}] to snncc.compile to run that module as a black box, step by step.")
     return TraceFailure(
         f"snncc could not trace {mod_desc} at {where}: `{code}`\n  {type(exc).__name__}: {exc}\n"
-        "  torch.fx needs control flow that does not depend on tensor values. Ways out:\n"
-        "  - rewrite the condition with tensor ops (torch.where, masking), or\n"
-        f"  - pass leaf_modules=[{type(model.get_submodule(mod)).__name__ if mod else 'YourModule'}] to snncc.compile "
-        "to run that module as a black box, step by step.")
+        f"  {what}. The line is in the model's own forward ({cls}, the root module), which is traced itself "
+        f"and cannot be a leaf module (leaf_modules=[{cls}] would change nothing). Ways out:\n{rewrite}"
+        f"  - move that code into a submodule of its own, e.g. `class Branch(nn.Module)` whose forward holds "
+        f"`{code}` and what depends on it, call it from {cls}.forward (`self.branch = Branch()` in __init__), and "
+        "pass leaf_modules=[Branch] to snncc.compile: it then runs as a black box, step by step.")
 
 
 def trace_unrolled(model: nn.Module, form: str, T: Optional[int],
@@ -209,12 +229,14 @@ def trace_unrolled(model: nn.Module, form: str, T: Optional[int],
     if form == "loop":
         tracer.example_shapes = [a.shape if isinstance(a, torch.Tensor) else None for a in example_inputs]
     root: nn.Module = model if form == "loop" else _Unrolled(model, int(T), form == "sequence")
-    try:
-        graph = tracer.trace(root)
-    except TraceFailure:
-        raise
-    except Exception as exc:  # fx raises TraceError, TypeError, AttributeError... all mean "not traceable"
-        raise _trace_error(model, exc, getattr(exc, "_snncc_module_stack", [])) from exc
+    with _attrs_restored(model):
+        _reset_containers(model, tracer)
+        try:
+            graph = tracer.trace(root)
+        except TraceFailure:
+            raise
+        except Exception as exc:  # fx raises TraceError, TypeError, AttributeError... all mean "not traceable"
+            raise _trace_error(model, exc, getattr(exc, "_snncc_module_stack", [])) from exc
     stateful: Dict[str, nn.Module] = {}
     bindings: Dict[str, NeuronBinding] = {}
     reasons: Dict[str, str] = {}
@@ -239,6 +261,39 @@ def trace_unrolled(model: nn.Module, form: str, T: Optional[int],
             else:
                 bindings[node.target] = r.binding
     return Traced(root, graph, stateful, bindings, frozenset(tracer.opaque), form, reasons)
+
+
+@contextlib.contextmanager
+def _attrs_restored(model: nn.Module) -> Iterator[None]:
+    """Tracing leaves nothing behind: every attribute, buffer and memory of every module is put back.
+
+    NOTE: a model that keeps state itself (``self.s = self.lif(h)`` in its forward, the way recurrent SNNs
+    are written in step mode) would otherwise be left holding an ``fx.Proxy``: the eager model would break,
+    and so would every later specialization (train -> eval, a new batch size or T).
+    """
+    modules = list(model.modules())
+    snaps = [snapshot_attrs(m) for m in modules]
+    try:
+        yield
+    finally:
+        for m, snap in zip(modules, snaps):
+            restore_attrs(m, snap)
+
+
+def _reset_containers(model: nn.Module, tracer: "_SNNTracer") -> None:
+    """Trace from the reset state: modules that are traced through (the root included) and have a
+    ``reset()`` get it called, as ``functional.reset_net`` does, so state the model keeps itself (``self.s``)
+    starts at its reset value in every specialization. Leaf stateful modules are reset by the executor."""
+    for m in model.modules():
+        if callable(getattr(m, "reset", None)) and not isinstance(m, tracer.leaf_types) and \
+                (m is model or _traced_through(m)):
+            m.reset()
+
+
+def _traced_through(m: nn.Module) -> bool:
+    """A stateful module that contains stateful modules (a recurrent block with ``reset()`` around its
+    neurons) is traced into, not kept as a leaf: its neurons compile and its own state is part of the graph."""
+    return not isinstance(m, BaseNeuron) and any(d is not m and is_stateful(d) for d in m.modules())
 
 
 def _single_tensor_call(graph: fx.Graph, target: str) -> bool:

@@ -25,7 +25,9 @@ EDGE_KINDS = ("data", "state", "order")
 #: maxpool_epilogue: a max pool of a neuron's spikes computed by the neuron's kernel (max of spikes = OR);
 #: bn_fold: an eval-mode BatchNorm folded into the preceding convolution's weights;
 #: bn_train: a training-mode BatchNorm (per-step statistics) applied by the neuron's kernel to its input.
-FUSION_KINDS = ("maxpool_epilogue", "bn_fold", "bn_train")
+#: recurrent: a Linear of the neuron's own previous spikes added to its input, run inside its loop
+#: (``module`` is the Linear; the task's args are ``(Steps(e_t), previous spikes or None)``).
+FUSION_KINDS = ("maxpool_epilogue", "bn_fold", "bn_train", "recurrent")
 
 
 @dataclass(frozen=True)

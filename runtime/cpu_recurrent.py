@@ -1,0 +1,349 @@
+"""CPU backend for recurrent cells: a neuron layer fed back its own spikes through a Linear, all T steps in
+one generated C loop (OpenMP over samples), forward and backward.
+
+Per step ``t`` and sample ``n`` (``passes/fuse_recurrence.py`` found the pattern)::
+
+    r_t = b + W s_{t-1}          (none at step 0 of a sequence: the model's own first step is e_0)
+    z_t = e_t + r_t
+    s_t, state_t = neuron(z_t, state_{t-1})      (the lifted neuron IR, forward_body of ir_codegen)
+
+The matmul is spike-driven: ``r += s_j * W^T[j, :]`` only for the ``j`` that fired (~10% of them at
+realistic rates), so forward costs a tenth of the dense product. A sample's recurrence never touches
+another sample's, so threads take samples (forward) or blocks of ``SB`` samples (backward, where the dense
+``W^T g_z`` product reads each row of ``W`` once per block).
+
+Backward (BPTT) keeps only ``e`` and the initial state and spikes (exact, like ``memory="min"``): per block
+it recomputes the forward (same code, same bits), keeping ``z_t`` and the states per step, then walks time
+backwards through ``ir_codegen.backward_body``; the gradient reaching ``s_t`` is the downstream one plus
+``W^T g_{z_{t+1}}``. It writes ``g_e`` (= ``g_z``), the recomputed spikes and the neuron parameters'
+gradients; ``W``'s and ``b``'s gradients are then one GEMM and one sum over all steps in torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from snncc.neuron_ir import NeuronIR
+from . import ir_codegen as cg
+from .codegen import EXP_FLOAT
+from .cbuild import _library, compiler_available
+
+__all__ = ["rec_source", "rec_c_scan", "c_supports_rec"]
+
+_SB = 8
+_LIBS: Dict[Any, Any] = {}
+_LOCK = threading.Lock()
+_TORCH_CT = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def c_supports_rec(first: NeuronIR, steady: NeuronIR) -> Optional[str]:
+    """None when the C cell can run these steps; else why not (the reference loop runs them)."""
+    if not compiler_available():
+        return "no C compiler"
+    why = cg.supported_ir(first) or cg.supported_ir(steady)
+    if why:
+        return why
+    dts = {steady.dtype("x"), steady.dtype(steady.outputs[0])} | {steady.dtype(s) for s in steady.states}
+    if len(dts) != 1 or dts.pop() not in ("float32", "float64"):
+        return "input, output and states do not share one float dtype"
+    if first.states:
+        return "the first step reads a state"
+    for ir in (first, steady):
+        if any(ir.surrogates[o.attr("surrogate")].opaque for o in ir.spike_ops):
+            return "a user surrogate function (its derivative is taken by its own backward)"
+    return None
+
+
+def rec_source(first: NeuronIR, steady: NeuronIR, full: Tuple[bool, ...]) -> str:
+    """C source of ``rec_fwd`` / ``rec_bwd``; ``full[j]``: parameter j is per neuron ``[N, H]`` (else one
+    scalar). Arrays are passed in one ``void**`` in the order documented at each function."""
+    ns, npar = len(steady.states), len(steady.params)
+    T = cg.ctype(steady.dtype("x"))
+    PT = [cg.ctype(steady.dtype(p)) for p in steady.params]
+
+    def params() -> str:
+        return " ".join(f"const {PT[j]} {p} = PAR{j}[{'i' if full[j] else '0'}]; (void){p};"
+                        for j, p in enumerate(steady.params))
+
+    def states(ir: NeuronIR, src: str) -> str:
+        return " ".join(f"const {T} {s} = {src.format(j=j)}; (void){s};" for j, s in enumerate(ir.states))
+
+    def fwd(ir: NeuronIR, st_src: Optional[str], store: str) -> str:
+        return "\n".join([
+            "        for (int64_t h = 0; h < H; ++h) {",
+            "          const int64_t i = n * H + h; (void)i;",
+            f"          const {T} x = rec ? E[eo + h] + r[h] : E[eo + h]; (void)x;",
+            "          " + params(),
+            "          " + (states(ir, st_src) if st_src else ""),
+            cg.forward_body(ir, "          "),
+            "          " + store.format(out=ir.outputs[0]),
+            "          " + " ".join(f"st{j}[h] = {v};" for j, v in enumerate(ir.new_states)),
+            "        }"])
+
+    def bwd(ir: NeuronIR, steady_step: bool) -> str:
+        lines = ["        for (int64_t h = 0; h < H; ++h) {",
+                 "          const int64_t i = n * H + h; (void)i;",
+                 f"          const {T} x = zh[t * H + h]; (void)x;",
+                 "          " + params()]
+        if steady_step:
+            lines.append("          " + states(ir, "hist{j}[t * H + h]"))
+        lines.append(cg.forward_body(ir, "          "))
+        lines.append("          " + " ".join(f"{cg.ctype(ir.dtype(v))} g_{v} = 0;" for v in cg.float_values(ir)))
+        lines.append(f"          g_{ir.outputs[0]} += GOUT[eo + h] + grec[h];")
+        for j, v in enumerate(ir.new_states):
+            lines.append(f"          g_{v} += gst{j}[h];")
+        lines.append(cg.backward_body(ir, "          ", exp_float="snn_expf"))
+        lines.append("          GE[eo + h] = g_x; gzn[h] = g_x;")
+        for j, s in enumerate(ir.states):
+            lines.append(f"          gst{j}[h] = g_{s};")
+        if not ir.states:
+            lines += [f"          gst{j}[h] = 0;" for j in range(ns)]
+        for j, p in enumerate(ir.params):
+            if ir.dtype(p) in ("float32", "float64"):
+                lines.append(f"          gp{j}[h] += g_{p};")
+        lines.append("        }")
+        return "\n".join(lines)
+
+    common = [f"const {T}* E = (const {T}*)P[0];"]
+    common += [f"const {T}* S0{j} = (const {T}*)P[{1 + j}];" for j in range(ns)]
+    common += [f"const {PT[j]}* PAR{j} = (const {PT[j]}*)P[{1 + ns + j}];" for j in range(npar)]
+    b = 1 + ns + npar
+    common += [f"const {T}* WT = (const {T}*)P[{b}];", f"const {T}* W = (const {T}*)P[{b + 1}];",
+               f"const {T}* B = (const {T}*)P[{b + 2}];", f"const {T}* SP0 = (const {T}*)P[{b + 3}];"]
+    b += 4
+    unpack_f = common + [f"{T}* OUT = ({T}*)P[{b}];"] + \
+        [f"{T}* SN{j} = ({T}*)P[{b + 1 + j}];" for j in range(ns)]
+    unpack_b = common + [f"const {T}* GOUT = (const {T}*)P[{b}];"] + \
+        [f"const {T}* GSN{j} = (const {T}*)P[{b + 1 + j}];" for j in range(ns)]
+    b2 = b + 1 + ns
+    unpack_b += [f"{T}* GE = ({T}*)P[{b2}];", f"{T}* SH = ({T}*)P[{b2 + 1}];", f"{T}* GSP0 = ({T}*)P[{b2 + 2}];"]
+    unpack_b += [f"{T}* GS0{j} = ({T}*)P[{b2 + 3 + j}];" for j in range(ns)]
+    unpack_b += [f"{PT[j]}* GP{j} = ({PT[j]}*)P[{b2 + 3 + ns + j}];" for j in range(npar)]
+
+    st_alloc = " ".join(f"{T}* st{j} = ({T}*)malloc(sizeof({T}) * H);" for j in range(ns))
+    st_init = " ".join(f"for (int64_t h = 0; h < H; ++h) st{j}[h] = S0{j}[n * H + h];" for j in range(ns))
+    st_free = " ".join(f"free(st{j});" for j in range(ns))
+    recur = f"""
+        const int rec = t > 0 || SP0 != 0;
+        if (rec) {{                       /* r = b + W s_prev, spike-driven: only the rows that fired */
+          const {T}* sp = t > 0 ? {{PREV}} : SP0 + n * H;
+          for (int64_t h = 0; h < H; ++h) r[h] = B ? B[h] : ({T})0;
+          for (int64_t j = 0; j < H; ++j) {{
+            const {T} a = sp[j];
+            if (a != 0) {{ const {T}* w = WT + j * H; for (int64_t h = 0; h < H; ++h) r[h] += a * w[h]; }}
+          }}
+        }}
+        const int64_t eo = (t * N + n) * H;"""
+    fwd_prev = "OUT + ((t - 1) * N + n) * H"
+    bwd_prev = "SH + ((t - 1) * N + n) * H"
+    gp_all = " ".join(f"{PT[j]}* gp{j}_all = ({PT[j]}*)calloc(SB * H, sizeof({PT[j]}));" for j in range(npar))
+    return f"""// generated by snncc.runtime.cpu_recurrent from a lifted neuron step
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#define SB {_SB}
+{EXP_FLOAT}
+
+/* P: E, S0[ns], PAR[np], WT, W, B, SP0, OUT, SN[ns]; E/OUT [K, N, H]; has_st0: S0 given (later chunk) */
+void rec_fwd(int64_t N, int64_t H, int64_t K, int has_st0, void** P) {{
+  {" ".join(unpack_f)}
+  #pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {{
+    {T}* r = ({T}*)malloc(sizeof({T}) * H);
+    {st_alloc}
+    if (has_st0) {{ {st_init} }}
+    for (int64_t t = 0; t < K; ++t) {{{recur.replace("{PREV}", fwd_prev)}
+      if (t == 0 && !has_st0) {{
+{fwd(first, None, "OUT[eo + h] = {out};")}
+      }} else {{
+{fwd(steady, "st{j}[h]", "OUT[eo + h] = {out};")}
+      }}
+    }}
+    {" ".join(f"for (int64_t h = 0; h < H; ++h) SN{j}[n * H + h] = st{j}[h];" for j in range(ns))}
+    free(r); {st_free}
+  }}
+}}
+
+/* P: E, S0[ns], PAR[np], WT, W, B, SP0, GOUT, GSN[ns], GE, SH, GSP0, GS0[ns], GP[np] */
+void rec_bwd(int64_t N, int64_t H, int64_t K, int has_st0, void** P) {{
+  {" ".join(unpack_b)}
+  const int64_t nblk = (N + SB - 1) / SB;
+  #pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < nblk; ++blk) {{
+    const int64_t n0 = blk * SB, nb = N - n0 < SB ? N - n0 : SB;
+    {T}* r = ({T}*)malloc(sizeof({T}) * H);
+    {T}* zall = ({T}*)malloc(sizeof({T}) * SB * K * H);
+    {T}* hall = ({T}*)malloc(sizeof({T}) * (SB * K * H * {max(ns, 1)}));
+    {T}* gz = ({T}*)calloc(SB * H, sizeof({T}));      /* g_z of step t + 1, per sample of the block */
+    {T}* gr = ({T}*)malloc(sizeof({T}) * SB * H);     /* W^T g_z: what reaches s_t through r_(t+1) */
+    for (int64_t q = 0; q < nb; ++q) {{              /* recompute the forward: z and states per step */
+      const int64_t n = n0 + q;
+      {T}* zh = zall + q * K * H;
+      {st_alloc}
+      if (has_st0) {{ {st_init} }}
+      for (int64_t t = 0; t < K; ++t) {{{recur.replace("{PREV}", bwd_prev)}
+        {" ".join(f"for (int64_t h = 0; h < H; ++h) hall[(({j} * SB + q) * K + t) * H + h] = st{j}[h];" for j in range(ns))}
+        for (int64_t h = 0; h < H; ++h) zh[t * H + h] = rec ? E[eo + h] + r[h] : E[eo + h];
+        if (t == 0 && !has_st0) {{
+{fwd(first, None, "SH[eo + h] = {out};").replace("rec ? E[eo + h] + r[h] : E[eo + h]", "zh[t * H + h]")}
+        }} else {{
+{fwd(steady, "st{j}[h]", "SH[eo + h] = {out};").replace("rec ? E[eo + h] + r[h] : E[eo + h]", "zh[t * H + h]")}
+        }}
+      }}
+      {st_free}
+    }}
+    {T}** gsts = ({T}**)malloc(sizeof({T}*) * SB * {max(ns, 1)});
+    for (int64_t q = 0; q < nb * {ns}; ++q) gsts[q] = ({T}*)malloc(sizeof({T}) * H);
+    {" ".join(f"for (int64_t q = 0; q < nb; ++q) for (int64_t h = 0; h < H; ++h) gsts[{j} * nb + q][h] = GSN{j}[(n0 + q) * H + h];" for j in range(ns))}
+    {gp_all}
+    for (int64_t t = K - 1; t >= 0; --t) {{
+      /* gr = W^T g_z(t+1) for the block: each row of W read once for all its samples */
+      memset(gr, 0, sizeof({T}) * SB * H);
+      if (t + 1 < K) {{
+        for (int64_t hh = 0; hh < H; ++hh) {{
+          const {T}* w = W + hh * H;
+          for (int64_t q = 0; q < nb; ++q) {{
+            const {T} g = gz[q * H + hh];
+            if (g != 0) {{ {T}* o = gr + q * H; for (int64_t j = 0; j < H; ++j) o[j] += g * w[j]; }}
+          }}
+        }}
+      }}
+      for (int64_t q = 0; q < nb; ++q) {{
+        const int64_t n = n0 + q;
+        const int64_t eo = (t * N + n) * H;
+        const {T}* zh = zall + q * K * H;
+        const {T}* grec = gr + q * H;
+        {T}* gzn = gz + q * H;
+        {" ".join(f"{T}* gst{j} = gsts[{j} * nb + q]; const {T}* hist{j} = hall + ({j} * SB + q) * K * H;" for j in range(ns))}
+        {" ".join(f"{PT[j]}* gp{j} = gp{j}_all + q * H;" for j in range(npar))}
+        if (t == 0 && !has_st0) {{
+{bwd(first, False)}
+        }} else {{
+{bwd(steady, True)}
+        }}
+      }}
+    }}
+    for (int64_t q = 0; q < nb; ++q) {{
+      const int64_t n = n0 + q;
+      if (GSP0) {{             /* the chunk's first step read the previous chunk's spikes */
+        {T}* o = GSP0 + n * H;
+        for (int64_t j = 0; j < H; ++j) o[j] = 0;
+        for (int64_t hh = 0; hh < H; ++hh) {{
+          const {T} g = gz[q * H + hh]; const {T}* w = W + hh * H;
+          if (g != 0) for (int64_t j = 0; j < H; ++j) o[j] += g * w[j];
+        }}
+      }}
+      {" ".join(f"if (GS0{j}) for (int64_t h = 0; h < H; ++h) GS0{j}[n * H + h] = gsts[{j} * nb + q][h];" for j in range(ns))}
+      {" ".join(f"for (int64_t h = 0; h < H; ++h) GP{j}[n * H + h] = gp{j}_all[q * H + h];" for j in range(npar))}
+    }}
+    for (int64_t q = 0; q < nb * {ns}; ++q) free(gsts[q]);
+    free(gsts); free(r); free(zall); free(hall); free(gz); free(gr);
+    {" ".join(f"free(gp{j}_all);" for j in range(npar))}
+  }}
+}}
+"""
+
+
+def _lib(first: NeuronIR, steady: NeuronIR, full: Tuple[bool, ...]) -> Any:
+    key = (first, steady, full)
+    lib = _LIBS.get(key)
+    if lib is None:
+        with _LOCK:
+            lib = _LIBS.get(key)
+            if lib is None:
+                lib = _library(rec_source(first, steady, full))
+                for fn in (lib.rec_fwd, lib.rec_bwd):
+                    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+                    fn.restype = None
+                _LIBS[key] = lib
+    return lib
+
+
+def _ptrs(ts: Sequence[Optional[torch.Tensor]]) -> Any:
+    arr = (ctypes.c_void_p * max(1, len(ts)))()
+    for i, t in enumerate(ts):
+        arr[i] = None if t is None else t.data_ptr()
+    return arr
+
+
+class _RecCell(torch.autograd.Function):
+    """The cell over K steps. Inputs: e ``[K, N, H]``, W ``[H, H]``, b ``[H]`` or None, previous spikes
+    ``[N, H]`` or None (chunk at step 0), states ``[N, H]`` (none: from the reset state), parameters."""
+
+    @staticmethod
+    def forward(ctx: Any, first: NeuronIR, steady: NeuronIR, ns: int, has_st0: bool, e: torch.Tensor,
+                w: torch.Tensor, b: Optional[torch.Tensor], sp0: Optional[torch.Tensor], *rest: torch.Tensor):
+        K, N, H = e.shape
+        st0 = [s.contiguous() for s in rest[:ns]] if has_st0 else []
+        params = rest[ns:] if has_st0 else rest
+        full = tuple(p.numel() > 1 for p in params)
+        pars = [(p.expand(N, H).contiguous() if f else p.reshape(1).contiguous()) for p, f in zip(params, full)]
+        e, w = e.contiguous(), w.contiguous()
+        wt = w.t().contiguous()
+        b = None if b is None else b.contiguous()
+        sp0 = None if sp0 is None else sp0.contiguous()
+        out = torch.empty_like(e)
+        sn = [torch.empty(N, H, dtype=e.dtype) for _ in range(ns)]
+        lib = _lib(first, steady, full)
+        lib.rec_fwd(N, H, K, int(has_st0),
+                    _ptrs([e] + (st0 or [None] * ns) + pars + [wt, w, b, sp0, out] + sn))
+        ctx.meta = (first, steady, ns, has_st0, full, b is not None, sp0 is not None)
+        ctx.param_shapes = [p.shape for p in params]
+        ctx.save_for_backward(e, w, b, sp0, *st0, *pars)
+        return (out,) + tuple(sn)
+
+    @staticmethod
+    def backward(ctx: Any, g_out: torch.Tensor, *g_sn: torch.Tensor):
+        first, steady, ns, has_st0, full, has_b, has_sp = ctx.meta
+        e, w, b, sp0, *rest = ctx.saved_tensors
+        st0, pars = rest[:len(rest) - len(full)], rest[len(rest) - len(full):]
+        K, N, H = e.shape
+        g_out = g_out.contiguous() if g_out is not None else torch.zeros_like(e)
+        gsn = [torch.zeros(N, H, dtype=e.dtype) if g is None else g.contiguous() for g in g_sn]
+        ge, sh = torch.empty_like(e), torch.empty_like(e)
+        gsp = torch.empty(N, H, dtype=e.dtype) if has_sp else None
+        gs0 = [torch.empty(N, H, dtype=e.dtype) for _ in range(ns)] if has_st0 else [None] * ns
+        gp = [torch.empty(N, H, dtype=p.dtype) for p in pars]
+        wt = w.t().contiguous()
+        lib = _lib(first, steady, full)
+        lib.rec_bwd(N, H, K, int(has_st0),
+                    _ptrs([e] + (list(st0) or [None] * ns) + list(pars) + [wt, w, b, sp0, g_out] + gsn +
+                          [ge, sh, gsp] + gs0 + gp))
+        # W and b: every step whose input had the recurrent term, as one GEMM over [steps * N, H]
+        if has_sp:
+            prev = torch.cat([sp0.unsqueeze(0), sh[:-1]])
+            gz = ge
+        else:
+            prev, gz = sh[:-1], ge[1:]
+        gw = gz.reshape(-1, H).t() @ prev.reshape(-1, H)
+        gb = gz.sum((0, 1)) if has_b else None
+        g_params = [g.sum_to_size(shape) if len(shape) else g.sum() for g, shape in zip(gp, ctx.param_shapes)]
+        g_states = tuple(gs0) if has_st0 else ()
+        return (None, None, None, None, ge, gw, gb, gsp) + g_states + tuple(g_params)
+
+
+def rec_c_scan(first: NeuronIR, steady: NeuronIR, e: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+               sp0: Optional[torch.Tensor], state: Optional[Sequence[torch.Tensor]],
+               params: Sequence[torch.Tensor]) -> Optional[Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]]:
+    """The cell over ``e``'s K steps with the generated C loop: ``(spikes [K, N, H], final states)``; None
+    when the tensors do not fit it (device, dtypes, shapes) and the caller runs the reference loop."""
+    dt = _TORCH_CT.get(e.dtype)
+    if e.device.type != "cpu" or dt != steady.dtype("x") or e.dim() != 3 or c_supports_rec(first, steady):
+        return None
+    ts = [w] + ([b] if b is not None else []) + ([sp0] if sp0 is not None else []) + list(state or ())
+    if any(t.device.type != "cpu" or t.dtype != e.dtype for t in ts):
+        return None
+    if w.shape != (e.shape[2], e.shape[2]):
+        return None
+    for p, name in zip(params, steady.params):
+        if p.device.type != "cpu" or _TORCH_CT.get(p.dtype) != steady.dtype(name) or \
+                (p.numel() > 1 and p.shape != e.shape[1:] and torch.broadcast_shapes(p.shape, e.shape[1:]) != e.shape[1:]):
+            return None
+    ns = len(steady.states)
+    has_st0 = state is not None
+    res = _RecCell.apply(first, steady, ns, has_st0, e, w, b, sp0, *(tuple(state) if has_st0 else ()), *params)
+    return res[0], tuple(res[1:])
