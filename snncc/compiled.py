@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import warnings
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Type, Union
@@ -13,6 +14,7 @@ from torch import nn
 from .config import Options
 from .errors import InputError
 from .frontend import is_stateful, reset_module, trace_unrolled
+from .inputs import check_call
 from .recognize import bind_keyed
 from .pipeline import Compiled, compile_graph
 from snncc import passes
@@ -27,11 +29,11 @@ _CACHE_SIZE = 8
 
 
 def _check_T(T: Any) -> int:
-    if isinstance(T, bool) or not isinstance(T, int):
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral):
         raise InputError(f"snncc.compile: T must be a positive int (number of timesteps), got {T!r}")
     if T < 1:
         raise InputError(f"snncc.compile: T must be >= 1, got {T}")
-    return T
+    return int(T)
 
 
 def _signature(args: Tuple[Any, ...], model: nn.Module) -> Tuple[Any, ...]:
@@ -50,7 +52,10 @@ def _signature(args: Tuple[Any, ...], model: nn.Module) -> Tuple[Any, ...]:
             config.append((name, bind_keyed(m)[1]))
     plain = tuple(sorted((k, v) for k, v in vars(model).items()
                          if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))))
-    return sig + (tuple(config), plain)
+    # NOTE: the parameters' dtypes and devices too: after cmodel.to(torch.float64) a float32 input is
+    # checked again (an InputError naming the dtype) instead of reusing a specialization made for float32
+    placed = frozenset((p.dtype, p.device) for p in model.parameters())
+    return sig + (tuple(config), plain, placed)
 
 
 class CompiledModule(nn.Module):
@@ -76,6 +81,7 @@ class CompiledModule(nn.Module):
         #: the cost model's decisions for ``chunk="auto"``: specialization key -> passes.ChunkChoice
         object.__setattr__(self, "chunk_choices", {})
         object.__setattr__(self, "_snncc_graphs", GraphCache())
+        object.__setattr__(self, "_snncc_stream", False)   # the sequence model behind a Stream (messages)
         self.form, self.T, self.leaf_modules, self.verify = form, T, tuple(leaf_modules), verify
         self.options = options
         self.training = model.training
@@ -102,9 +108,15 @@ class CompiledModule(nn.Module):
         """Validate the call for the compiled form; returns T for this call (None: the model's own loop)."""
         if self.form == "loop":
             return None
-        if len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            raise InputError(f"compiled step model takes one tensor input, got {len(args)} argument(s)")
+        if len(args) != 1:
+            raise InputError(f"a model compiled with {'sequence=True' if self.form == 'sequence' else 'T='} "
+                             f"takes one tensor input, got {len(args)} arguments")
         x = args[0]
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"a model compiled with {'sequence=True' if self.form == 'sequence' else 'T='} "
+                             f"takes one tensor input, got a {type(x).__name__}"
+                             + (" (torch.as_tensor(x) makes one)" if hasattr(x, "__array__") or
+                                isinstance(x, (list, tuple)) else ""))
         if self.form == "sequence":
             if x.dim() < 2:
                 raise InputError(f"compile(..., sequence=True) expects x_seq of shape [T, N, ...]; got shape "
@@ -113,7 +125,8 @@ class CompiledModule(nn.Module):
                 raise InputError("compile(..., sequence=True): the input has T = 0 timesteps")
             return int(x.shape[0])
         if x.dim() < 1:
-            raise InputError(f"compiled step model expects an input [N, ...], got a 0-d tensor")
+            raise InputError(f"a model compiled with T={self.T} expects an input [N, ...] (one step, fed at "
+                             "every step), got a 0-d tensor")
         return self.T
 
     def specialize(self, *args: Any) -> Compiled:
@@ -131,6 +144,9 @@ class CompiledModule(nn.Module):
             cache.move_to_end(key)
             return key, cache[key]
         traced = trace_unrolled(self._snncc_model, self.form, T, self.leaf_modules, args)
+        # NOTE: before any pass or task: a wrong input is an InputError naming the fix, not a failure deep
+        # inside a layer (snncc/inputs.py; once per specialization, a walk over the traced graph)
+        check_call(traced, self.form, T, args, stream=self._snncc_stream)
         if self.form == "loop":
             _check_loops(traced, self._snncc_model)
         options = self.options
@@ -233,6 +249,7 @@ class Stream:
     def __init__(self, cmodel: CompiledModule) -> None:
         self._seq = CompiledModule(cmodel.model, "sequence", None, cmodel.leaf_modules, cmodel.verify,
                                    cmodel.options)
+        object.__setattr__(self._seq, "_snncc_stream", True)
         self._states: Optional[dict] = None
         self.steps = 0
 
@@ -338,20 +355,52 @@ def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"snncc.compile expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, CompiledModule):
+        raise InputError("snncc.compile: the model is already compiled; compile its eager model "
+                         "(cmodel.model) with the new options instead")
+    for name, flag in (("sequence", sequence), ("verify", verify), ("fuse", fuse), ("bitpack", bitpack)):
+        if not isinstance(flag, bool):
+            raise InputError(f"snncc.compile: {name} must be True or False, got {flag!r}")
     if T is not None and sequence:
         raise InputError("snncc.compile: pass either T= (a static input fed at every step) or sequence=True "
                          "(T read from the input's first dimension), not both")
     options = Options(fuse=bool(fuse), bitpack=bool(bitpack), memory=memory, chunk=chunk, streams=streams,
                       cuda_graphs=cuda_graphs)
-    leaf = tuple(leaf_modules)
-    for cls in leaf:
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise TypeError(f"snncc.compile: leaf_modules must be nn.Module classes, got {cls!r}")
+    leaf = _check_leaf_modules(model, leaf_modules)
     if T is not None:
         return CompiledModule(model, "static", _check_T(T), leaf, verify, options)
     if sequence:
         return CompiledModule(model, "sequence", None, leaf, verify, options)
     return CompiledModule(model, "loop", None, leaf, verify, options)
+
+
+def _check_leaf_modules(model: nn.Module, leaf_modules: Any) -> Tuple[Type[nn.Module], ...]:
+    """``leaf_modules`` as a tuple of classes, each the class of some submodule of ``model`` (not the root's:
+    the root is never a module call of the trace, so declaring it a leaf would change nothing)."""
+    if isinstance(leaf_modules, (type, str, nn.Module)) or not isinstance(leaf_modules, Iterable):
+        raise TypeError(f"snncc.compile: leaf_modules must be a list of nn.Module classes, e.g. "
+                        f"leaf_modules=[{getattr(leaf_modules, '__name__', 'MyModule')}]; got {leaf_modules!r}")
+    leaf = tuple(leaf_modules)
+    for cls in leaf:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"snncc.compile: leaf_modules must be nn.Module classes, got {cls!r}"
+                            + (f" (pass its class: leaf_modules=[{type(cls).__name__}])"
+                               if isinstance(cls, nn.Module) else ""))
+    subs = [m for name, m in model.named_modules() if name]
+    for cls in leaf:
+        if any(isinstance(m, cls) for m in subs):
+            continue
+        if isinstance(model, cls):
+            raise InputError(
+                f"snncc.compile: leaf_modules=[{cls.__name__}] names the class of the model itself; the model's "
+                "own forward is what is traced, so it cannot be a leaf. Move the code torch.fx cannot trace "
+                "(e.g. an `if` on a tensor) into a submodule of its own and pass that submodule's class, or "
+                "rewrite it with tensor ops (torch.where)")
+        names = sorted({type(m).__name__ for m in subs})
+        raise InputError(f"snncc.compile: leaf_modules names {cls.__name__}, but no submodule of the model "
+                         f"({type(model).__name__}) is one; its submodules' classes are: "
+                         f"{', '.join(names) if names else '(none)'}")
+    return leaf
 
 
 def reset(model: nn.Module) -> nn.Module:

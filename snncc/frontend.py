@@ -195,8 +195,7 @@ def _trace_error(model: nn.Module, exc: BaseException, stack: List[str]) -> Trac
     mod = stack[-1] if stack else ""
     cls = type(model.get_submodule(mod)).__name__ if mod else type(model).__name__
     mod_desc = f"module '{mod}' ({cls})" if mod else f"the model's forward ({cls})"
-    control = "control flow" in str(exc) or code.startswith(("if ", "elif ", "while ", "assert ")) \
-        or " if " in code
+    control = "inputs to control flow" in str(exc) or code.startswith(("if ", "elif ", "while ", "assert "))
     what = ("torch.fx needs control flow that does not depend on tensor values" if control else
             "torch.fx records tensor operations without running them, so Python that needs a tensor's value "
             "(bool(), int(), .item(), .tolist(), iterating over it, numpy) cannot be traced")

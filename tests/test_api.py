@@ -594,7 +594,9 @@ def test_task_failure_names_module():
     assert "(3, 6)" in msg
 
 
-def test_task_failure_in_nested_module_and_sequence_hint():
+def test_time_dimension_given_to_T_model_is_an_input_error():
+    """A [T, N, C, H, W] input given to a T= model: an InputError at the call (before any task), naming the
+    nested conv that reads it and the call form that fits (sequence=True)."""
     class Inner(nn.Module):
         def __init__(self):
             super().__init__()
@@ -613,10 +615,11 @@ def test_task_failure_in_nested_module_and_sequence_hint():
             return self.block(x)
 
     cm = snncc.compile(Outer(), T=2)
-    with pytest.raises(snncc.TaskFailure) as info:
+    with pytest.raises(snncc.InputError) as info:
         cm(torch.randn(4, 2, 2, 8, 8))     # [T, N, C, H, W] passed to the static form
     msg = str(info.value)
-    assert "block.conv" in msg
+    assert "block.conv" in msg and "Conv2d" in msg
+    assert "[4, 2, 2, 8, 8]" in msg and "4-d input [N, C, H, W]" in msg
     assert "sequence=True" in msg
 
 
