@@ -6,20 +6,56 @@ call starts from the reset state.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import types
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import pytest
-import torch
-from torch import nn
 
-import snncc
-from snncc.frontend import is_stateful
+# --------------------------------------------------------------------------- no trace outside temporary dirs
+def _test_caches() -> str:
+    """Point every on-disk cache snncc and the tests write at one temporary directory, before snncc is imported.
+
+    runtime/cbuild.py reads ``SNNCC_CACHE`` once, at import, as the C kernels' directory; runtime/calibrate.py
+    reads it at each call as the directory of ``calibration.json``; tests/cuda_emu reads ``SNNCC_EMU_CACHE``
+    at import for the emulator's builds. The first process of a run (pytest, or pytest-xdist's controller)
+    makes the directory and removes it at exit; ``SNNCC_TESTS_TMP`` hands it to everything started from it
+    (xdist workers, the SpikingJelly 0.0.0.0.14 subprocess, the tools' and examples' subprocesses, DDP
+    workers), so a kernel is compiled once per run and the user's ``~/.cache/snncc`` is never touched.
+    ``SNNCC_TEST_CACHE=<dir>`` keeps the caches in ``<dir>`` instead, across runs (it is not removed).
+    tests/test_no_trace.py checks that every process of the run sees them.
+    """
+    keep = os.environ.get("SNNCC_TEST_CACHE")
+    root = keep or os.environ.get("SNNCC_TESTS_TMP")
+    if not root:
+        root = tempfile.mkdtemp(prefix="snncc-tests-")
+        atexit.register(shutil.rmtree, root, True)
+    os.environ["SNNCC_TESTS_TMP"] = root
+    os.environ["SNNCC_CACHE"] = os.path.join(root, "kernels")
+    os.environ["SNNCC_EMU_CACHE"] = os.path.join(root, "emu")
+    os.environ.pop("SNNCC_CALIBRATION", None)      # a user's pinned calibration would change what tests see
+    # the other tools' caches the tests would fill: hypothesis's .hypothesis/ (in the working directory),
+    # matplotlib's font cache, torch.compile's (tools/bench_zoo.py compiles the eager model)
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = os.path.join(root, "hypothesis")
+    os.environ.setdefault("MPLCONFIGDIR", os.path.join(root, "matplotlib"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "torchinductor"))
+    return root
+
+
+TEST_CACHE_DIR = _test_caches()
+
+import pytest  # noqa: E402  (after the caches are set: nothing below may read them earlier)
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import snncc  # noqa: E402
+from snncc.frontend import is_stateful  # noqa: E402
 
 # The repository root, so that ``examples.csnn`` imports from the tests.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
