@@ -285,7 +285,9 @@ class _RecCell(torch.autograd.Function):
         e, w = e.contiguous(), w.contiguous()
         wt = w.t().contiguous()
         b = None if b is None else b.contiguous()
-        sp0 = None if sp0 is None else sp0.contiguous()
+        # NOTE: the previous chunk's last step is a view of that chunk's whole output: keep a copy of
+        # the one step, not the chunk, for backward
+        sp0 = None if sp0 is None else sp0.clone(memory_format=torch.contiguous_format)
         out = torch.empty_like(e)
         sn = [torch.empty(N, H, dtype=e.dtype) for _ in range(ns)]
         lib = _lib(first, steady, full)

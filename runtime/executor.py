@@ -89,6 +89,20 @@ def _to_channels_last(x: Any) -> Any:
     return x
 
 
+def _adjacent_view(parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``torch.cat(parts)`` as a view, when the parts are consecutive rows of one contiguous tensor (the
+    steps ``x_seq[t0:t1]`` of a sequence input): no copy of the input, and nothing extra kept for backward."""
+    base = parts[0]._base
+    if base is None or not base.is_contiguous() or not all(p._base is base and p.is_contiguous() for p in parts):
+        return None
+    n = parts[0].numel()
+    off = parts[0].storage_offset() - base.storage_offset()
+    if any(p.storage_offset() - base.storage_offset() != off + i * n for i, p in enumerate(parts)):
+        return None
+    flat = base.reshape(-1)[off:off + n * len(parts)]
+    return flat.view(len(parts) * parts[0].shape[0], *parts[0].shape[1:])
+
+
 @dataclass
 class _Run:
     """Per-call state: values, cached step views, neuron states."""
@@ -157,7 +171,8 @@ class Executor:
         parts = [self._view(run, r) for r in steps.refs]
         if not all(isinstance(p, torch.Tensor) and p.dim() >= 1 and p.shape == parts[0].shape for p in parts):
             raise _Unpackable()
-        return torch.cat(parts)
+        view = _adjacent_view(parts)
+        return view if view is not None else torch.cat(parts)
 
     def _value(self, run: _Run, a: Any, member: Optional[int] = None) -> Any:
         if isinstance(a, Ref):
