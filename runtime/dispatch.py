@@ -193,21 +193,35 @@ def lifted_neuron_scan(lifted: Any, x: torch.Tensor, K: int, broadcast: bool,
 
 def recurrent_cell_scan(lifted: Any, e: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
                         sp0: Optional[torch.Tensor], state: Optional[Sequence[torch.Tensor]],
-                        params: Sequence[torch.Tensor]) -> Result:
+                        params: Sequence[torch.Tensor], tap: Optional[str] = None) -> Result:
     """A recurrent cell (a neuron fed back its spikes through ``w``, ``b``) over ``e``'s K steps: the C loop
     of ``cpu_recurrent`` when it claims the tensors, else the torch reference loop (any device; and under
-    autocast, where eager's Linear runs in lower precision). ``(spikes [K, N, H], final states)``."""
+    autocast, where eager's Linear runs in lower precision). ``tap`` None: the neuron's input is
+    ``e + linear(s)`` (a user's add); else the lifted step's parameter that is the recurrent drive (the
+    module computes it itself, as snnTorch's RLeaky does) and ``params`` are its other parameters.
+    Returns ``(spikes [K, N, H], final states)``."""
+    first, steady = _tapped(lifted.first, lifted.steady, tap)
+    name = tap or cpu_recurrent.TAP
     res = None
     if not torch.is_autocast_enabled(e.device.type):
         kernel, prelude = _kernel_steps(lifted)
-        if cpu_recurrent.c_supports_rec(kernel.first, kernel.steady) is None:
-            derived = run_prelude(prelude, dict(zip(lifted.steady.params, params)), e[0],
-                                  kernel.steady.params[len(params):])
-            res = cpu_recurrent.rec_c_scan(kernel.first, kernel.steady, e, w, b, sp0, state,
-                                           tuple(params) + derived)
+        kfirst, ksteady = _tapped(kernel.first, kernel.steady, tap)
+        if cpu_recurrent.c_supports_rec(kfirst, ksteady) is None:
+            own = [p for p in lifted.steady.params if p != name]
+            derived = run_prelude(prelude, dict(zip(own, params)), e[0],
+                                  [p for p in kernel.steady.params if p != name][len(params):])
+            res = cpu_recurrent.rec_c_scan(kfirst, ksteady, name, e, w, b, sp0, state, tuple(params) + derived)
     if res is None:
-        res = reference.recurrent_scan(lifted.first, lifted.steady, e, w, b, sp0, state, params)
+        res = reference.recurrent_scan(first, steady, name, e, w, b, sp0, state, params)
     return res
+
+
+def _tapped(first: Any, steady: Any, tap: Optional[str]) -> Tuple[Any, Any]:
+    """The cell's steps: a user's add ``e + tap`` before the neuron's later steps (its first step, from
+    the reset state, has no recurrent term), or the module's own steps when they read the tap."""
+    if tap is not None:
+        return first, steady
+    return first, cpu_recurrent.with_tap(steady)
 
 
 @dataclass(frozen=True)

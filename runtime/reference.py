@@ -281,21 +281,23 @@ def lifted_scan(first: Any, steady: Any, x: torch.Tensor, K: int, broadcast: boo
     return torch.stack(outs), st
 
 
-def recurrent_scan(first: Any, steady: Any, e: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+def recurrent_scan(first: Any, steady: Any, tap: str, e: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
                    sp0: Optional[torch.Tensor], state: Optional[Sequence[torch.Tensor]],
                    params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """A recurrent cell (``passes/fuse_recurrence.py``) over ``e``'s K steps with torch, the calls eager
-    makes: ``z_t = e_t + linear(s_{t-1}, w, b)`` (just ``e_0`` at step 0 of a sequence, ``sp0`` None),
-    then the neuron's lifted step. Returns ``(spikes [K, N, H], final states)``."""
+    makes: the recurrent drive ``linear(s_{t-1}, w, b)`` (``s_{-1}``: ``sp0``, or zeros at a sequence's
+    start) is the IR value ``tap``; then the neuron's step. ``params``: the IR's other parameters.
+    Returns ``(spikes [K, N, H], final states)``."""
     from snncc.neuron_ir import interpret
-    pmap = dict(zip(steady.params, params))
+    pmap = dict(zip([p for p in steady.params if p != tap], params))
     outs = []
     st: Tuple[torch.Tensor, ...] = tuple(state) if state is not None else ()
     prev = sp0
     for t in range(e.shape[0]):
-        z = e[t] if prev is None else e[t] + F.linear(prev, w, b)
         ir = first if (t == 0 and state is None) else steady
-        (o,), st = interpret(ir, z, st, pmap)
+        if tap in ir.params:
+            pmap[tap] = F.linear(prev if prev is not None else torch.zeros_like(e[t]), w, b)
+        (o,), st = interpret(ir, e[t], st, pmap)
         outs.append(o)
         prev = o
     return torch.stack(outs), st
