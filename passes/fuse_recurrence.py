@@ -8,6 +8,10 @@ adds and ``R``'s calls are *absorbed* into it. The runtime then runs the whole r
 per chunk (per step: the recurrent matmul, spike-driven on CPU, and the neuron step), and its backward as
 one autograd node that also accumulates ``R``'s weight and bias gradients.
 
+A neuron module that applies a recurrent Linear of its own to its previous spikes (snnTorch's ``RLeaky``
+and ``RSynaptic`` with ``init_hidden=True``; ``NeuronBinding.recurrent``) becomes a cell the same way, with
+nothing to absorb.
+
 Step 0 is whatever the model computes before any spike exists: ``e_0`` is the neuron's input at step 0
 (the model's own ``if self.s is None`` branch, or ``e + R(zeros)``): nothing there is assumed.
 
@@ -72,11 +76,17 @@ def fuse_recurrence(traced: Traced, tags: Dict[str, NodeTag], groups: List["Grou
     cells: Dict[int, Group] = {}
     absorbed: Dict[str, int] = {}
     for i, g in enumerate(groups):
-        if g.kind != "scan" or len(g.nodes) < 2 or g.target not in traced.bindings:
+        if g.kind != "scan" or g.target not in traced.bindings:
             continue
         calls = [nodes[n] for n in g.nodes]
         if len({tags[n.name].t for n in calls}) != len(calls):
             continue            # several calls per step: not a plain recurrence over time
+        own = traced.bindings[g.target].recurrent
+        if own is not None:     # the neuron applies its own recurrent Linear (snnTorch's RLeaky)
+            cells[i] = Group(g.layer, g.nodes, "recurrent", g.target, linear=f"{g.target}.{own}")
+            continue
+        if len(calls) < 2:
+            continue
         found = [recurrent_operands(traced, calls[t], calls[t - 1]) for t in range(1, len(calls))]
         if any(f is None for f in found) or len({f[3] for f in found}) != 1:
             continue

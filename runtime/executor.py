@@ -89,6 +89,10 @@ def _to_channels_last(x: Any) -> Any:
     return x
 
 
+#: key suffix of a recurrent cell's last spikes in the carried states (a stream's next call starts from them)
+_PREV = "#spikes"
+
+
 def _adjacent_view(parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     """``torch.cat(parts)`` as a view, when the parts are consecutive rows of one contiguous tensor (the
     steps ``x_seq[t0:t1]`` of a sequence input): no copy of the input, and nothing extra kept for backward."""
@@ -278,7 +282,7 @@ class Executor:
 
     def _neuron(self, task: Task, run: _Run) -> Any:
         binding = self.traced.bindings[task.target]
-        if task.fusion("recurrent") is not None:
+        if task.fusion("recurrent") is not None or binding.recurrent is not None:
             return self._recurrent(task, run, binding)
         if binding.spec is None:
             return self._lifted_neuron(task, run, binding)
@@ -382,20 +386,33 @@ class Executor:
         """A recurrent cell (passes/fuse_recurrence.py): the neuron and the Linear of its own previous
         spikes over the chunk's steps, as one loop (C on CPU; the torch loop elsewhere and under AMP)."""
         m = self.modules[task.target]
-        lin = self.modules[task.fusion("recurrent").module]
+        fusion = task.fusion("recurrent")
+        # NOTE: a neuron with its own recurrent Linear is a cell even when its steps were split apart
+        lin = self.modules[fusion.module] if fusion is not None else m.get_submodule(binding.recurrent)
         e, broadcast, K = self._neuron_input(task, run)
         if broadcast:
             e = e.expand(K, *e.shape)
-        sp0 = None if task.args[1] is None else self._value(run, task.args[1])
+        sp0 = None if len(task.args) < 2 or task.args[1] is None else self._value(run, task.args[1])
         state0 = run.states.get(task.target)
+        if sp0 is None and state0 is not None:
+            # NOTE: streaming: the previous call's last spikes (the graph's first step has no recurrent term)
+            sp0 = run.states.get(task.target + _PREV)
         lifted = self._cell_steps(task, m, binding, e.dtype if e.dtype.is_floating_point else torch.float32)
+        if binding.tap is not None:
+            # NOTE: the module's spikes are one of its states: a later chunk's previous spikes are that state
+            params = lifted.params_except(m, binding.tap)
+            if state0 is not None:
+                sp0 = state0[list(lifted.steady.new_states).index(lifted.steady.outputs[0])]
+        else:
+            params = lifted.params(m)
         shape = e.shape
         e3 = e.reshape(K, shape[1], -1)
         sp = None if sp0 is None else sp0.reshape(shape[1], -1)
         st = None if state0 is None else tuple(s.reshape(shape[1], -1) for s in state0)
-        out, state = recurrent_cell_scan(lifted, e3, lin.weight, lin.bias, sp, st, lifted.params(m))
+        out, state = recurrent_cell_scan(lifted, e3, lin.weight, lin.bias, sp, st, params, binding.tap)
         state = tuple(s.reshape(shape[1:]) for s in state)
         run.states[task.target] = state
+        run.states[task.target + _PREV] = out[-1].reshape(shape[1:])
         if self.last_chunk[task.target] == task.name:
             for name, v in zip(lifted.state_attrs, state):
                 _set_state(m, name, v)

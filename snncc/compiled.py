@@ -252,6 +252,7 @@ class Stream:
         object.__setattr__(self._seq, "_snncc_stream", True)
         self._states: Optional[dict] = None
         self.steps = 0
+        self._one_step_ok: Dict[Any, Optional[str]] = {}   # input kind -> recurrent cells a step would drop
 
     def reset(self) -> None:
         """Forget the state: the next call starts from the reset state."""
@@ -277,7 +278,24 @@ class Stream:
         """One timestep: ``x_t`` ``[N, ...]`` -> ``[N, ...]``."""
         if not isinstance(x_t, torch.Tensor):
             raise InputError(f"stream(x_t) expects a tensor [N, ...], got {type(x_t).__name__}")
+        self._check_one_step(x_t)
         return self.feed(x_t.unsqueeze(0))[0]
+
+    def _check_one_step(self, x_t: torch.Tensor) -> None:
+        """A model that keeps its recurrent spikes itself (``self.s``, read from the second step on) shows
+        its recurrence only in a trace of two steps or more: one step at a time would silently drop it."""
+        key = (tuple(x_t.shape), x_t.dtype, x_t.device)
+        if self._one_step_ok.get(key) is None:
+            with torch.no_grad():
+                compiled, _ = self._seq._specialization((torch.stack([x_t, x_t]),))
+            own = [t.target for t in compiled.task_graph.tasks()
+                   if t.fusion("recurrent") is not None and compiled.traced.bindings[t.target].recurrent is None]
+            self._one_step_ok[key] = ", ".join(f"'{n}'" for n in own)
+        if self._one_step_ok[key]:
+            raise InputError(
+                f"stream(x_t): the model feeds {self._one_step_ok[key]} its own previous spikes through state it "
+                "keeps itself (e.g. self.s), which a one-step trace cannot see. Stream it in chunks of two or "
+                "more steps: stream.feed(x[t:t + k]) with k >= 2.")
 
 
 def _autocast_state() -> Tuple[Any, ...]:

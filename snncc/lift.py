@@ -71,6 +71,10 @@ class Lifted:
     def params(self, m: nn.Module) -> Tuple[torch.Tensor, ...]:
         return tuple(_get_path(m, p) for p in self.param_attrs)
 
+    def params_except(self, m: nn.Module, name: str) -> Tuple[torch.Tensor, ...]:
+        """The parameters but IR parameter ``name`` (a recurrent cell's tap, computed at run time)."""
+        return tuple(_get_path(m, p) for p, n in zip(self.param_attrs, self.steady.params) if n != name)
+
     @property
     def binary_output(self) -> bool:
         from .neuron_ir import binary_values

@@ -36,10 +36,12 @@ __all__ = ["NeuronBinding", "Recognition", "bind", "bind_keyed", "config_key", "
 
 
 class LiftedSteps:
-    """A module's lifted step, per input dtype (lifted and checked on first use of each dtype)."""
+    """A module's lifted step, per input dtype (lifted and checked on first use of each dtype); ``lift``:
+    how another dtype is lifted (default :func:`snncc.lift.lift_neuron`)."""
 
-    def __init__(self, base: Lifted) -> None:
+    def __init__(self, base: Lifted, lift: Optional[Any] = None) -> None:
         self.base = base
+        self._lift = lift or lift_neuron
         self._by_dtype: Dict[torch.dtype, Any] = {base.dtype: base}
 
     def get(self, m: nn.Module, dtype: torch.dtype) -> Lifted:
@@ -47,7 +49,7 @@ class LiftedSteps:
         hit = self._by_dtype.get(dtype)
         if hit is None:
             try:
-                hit = lift_neuron(m, dtype)
+                hit = self._lift(m, dtype)
             except LiftFailure as exc:
                 hit = exc
             self._by_dtype[dtype] = hit
@@ -75,6 +77,10 @@ class NeuronBinding:
     state_attr: Optional[str]
     lifted: Optional[LiftedSteps] = field(default=None, compare=False, hash=False)
     binary: bool = True           # outputs only 0/1 (spikes): the next layer may keep them as bits
+    #: a neuron with its own recurrent Linear (snnTorch's RLeaky/RSynaptic): that child's name, and the IR
+    #: parameter its output was read as while lifting (the recurrent drive: see passes/fuse_recurrence.py)
+    recurrent: Optional[str] = None
+    tap: Optional[str] = None
 
     @property
     def how(self) -> str:
@@ -166,15 +172,17 @@ def _recognize(m: nn.Module) -> Recognition:
         return Recognition(None, "store_v_seq=True (the voltage sequence is kept by the module itself)")
     dtype = next((t.dtype for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()),
                  torch.float32)
+    dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     try:
-        lifted = lift_neuron(m, dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+        lifted = lift_neuron(m, dtype)
     except LiftFailure as exc:
         # NOTE: a step snncc cannot see into (SpikingJelly 0.0.0.0.14 runs TorchScript functions) may still
         # behave exactly like a built-in spec: its attributes name the candidate, a probe run decides
         spec_b = _builtin(m, None)
         if spec_b is not None:
             return Recognition(NeuronBinding(spec_b[0], spec_b[1], "v"))
-        return Recognition(None, str(exc))
+        rec = _recurrent_binding(m, dtype)
+        return rec if rec is not None else Recognition(None, str(exc))
     steps = LiftedSteps(lifted)
     spec_b = _builtin(m, lifted)
     if spec_b is not None:
@@ -284,3 +292,88 @@ def _behaves_like(m: nn.Module, attr: str, spec: NeuronSpec, pnames: Tuple[str, 
                 if (a is None) != (b is None) or (a is not None and not torch.allclose(a, b, **tol)):
                     return False
     return True
+
+
+# ----------------------------------------------------------------------------- neurons with their own recurrence
+class _Tap(nn.Module):
+    """Stands in for a neuron's recurrent Linear while its step is lifted: returns a buffer, which the lift
+    records as one more parameter (the recurrent drive, computed by the cell at run time)."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(99)
+        self.register_buffer("value", torch.randn(like.shape[0], generator=gen, dtype=torch.float64)
+                             .to(like.dtype).to(like.device))
+
+    def forward(self, spikes: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+
+def _recurrent_child(m: nn.Module) -> Optional[Tuple[str, nn.Linear]]:
+    """The one square ``nn.Linear`` child of ``m`` (snnTorch's ``recurrent``), if that is its only child
+    with weights."""
+    kids = [(n, c) for n, c in m.named_children() if any(True for _ in c.parameters())]
+    if len(kids) != 1 or type(kids[0][1]) is not nn.Linear or kids[0][1].in_features != kids[0][1].out_features:
+        return None
+    return kids[0]  # type: ignore[return-value]
+
+
+def lift_with_tap(m: nn.Module, dtype: torch.dtype) -> Tuple[Lifted, str]:
+    """``m``'s step lifted with its recurrent Linear read as a tap, and the tap's IR parameter name;
+    checked against the real module on probe inputs (spikes and states identical; raises LiftFailure)."""
+    found = _recurrent_child(m)
+    if found is None:
+        raise LiftFailure("it is not a neuron with one recurrent Linear")
+    name, lin = found
+    m._modules[name] = _Tap(lin.weight.detach().to(dtype))
+    try:
+        lifted = lift_neuron(m, dtype)
+    finally:
+        m._modules[name] = lin
+    path = f"{name}.value"
+    if path not in lifted.param_attrs:
+        raise LiftFailure(f"its recurrent Linear '{name}' does not feed its step")
+    tap = lifted.steady.params[lifted.param_attrs.index(path)]
+    if lifted.steady.outputs[0] not in lifted.steady.new_states:
+        raise LiftFailure("its recurrent input is not its own output spikes")
+    _check_tapped(m, lifted, lin, tap, dtype)
+    return lifted, tap
+
+
+def _check_tapped(m: nn.Module, lifted: Lifted, lin: nn.Linear, tap: str, dtype: torch.dtype) -> None:
+    """The real module over 8 probe steps equals the lifted step fed ``lin(previous spikes)``."""
+    from .neuron_ir import interpret
+    dev = lin.weight.device
+    snap = snapshot_attrs(m)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            xs = _probe_inputs((2, lin.in_features), dtype, dev)
+            _reset(m)
+            eager = [m(x) for x in xs]
+            pmap = dict(zip([p for p in lifted.steady.params if p != tap], lifted.params_except(m, tap)))
+            st: Tuple[torch.Tensor, ...] = ()
+            prev = torch.zeros_like(xs[0])
+            for t, x in enumerate(xs):
+                ir = lifted.first if t == 0 else lifted.steady
+                pmap[tap] = torch.nn.functional.linear(prev.to(lin.weight.dtype), lin.weight, lin.bias)
+                (o,), st = interpret(ir, x, st, pmap)
+                if not (isinstance(eager[t], torch.Tensor) and torch.equal(o, eager[t])):
+                    raise LiftFailure(f"its recurrent step differs from the lifted one at probe step {t}")
+                prev = o
+    finally:
+        restore_attrs(m, snap)
+
+
+def _recurrent_binding(m: nn.Module, dtype: torch.dtype) -> Optional[Recognition]:
+    """A neuron that applies its own recurrent Linear to its previous spikes (snnTorch's RLeaky), bound
+    as a recurrent cell; None when ``m`` is not one (the caller reports the first lift's failure)."""
+    found = _recurrent_child(m)
+    if found is None:
+        return None
+    try:
+        lifted, tap = lift_with_tap(m, dtype)
+    except LiftFailure:
+        return None
+    steps = LiftedSteps(lifted, lambda mod, dt: lift_with_tap(mod, dt)[0])
+    return Recognition(NeuronBinding(None, lifted.param_attrs, None, steps, lifted.binary_output,
+                                     recurrent=found[0], tap=tap))
