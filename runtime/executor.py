@@ -142,10 +142,27 @@ class Executor:
         # neuron tasks read only by flattens get channels-first pooled output (fixed per schedule)
         self._cell_lifts: Dict[str, Any] = {}     # recurrent cells of built-in neurons: their lifted steps
         self.flattened = {t.name for t in self.tasks if t.kind == "neuron" and self._flattened(t)}
+        self.frees = self._last_uses()
         self.handlers: Dict[str, Callable[[Task, _Run], Any]] = {
             "placeholder": self._placeholder, "get_attr": self._get_attr, "module": self._module,
             "function": self._function, "method": self._method, "neuron": self._neuron,
             "opaque": self._opaque, "output": self._output}
+
+    def _last_uses(self) -> List[Tuple[str, ...]]:
+        """For each task in schedule order, the values no later task reads: dropped once it has run.
+
+        NOTE: without this every intermediate value of a call stayed alive until the call returned, so the
+        forward's peak held all of them at once (what autograd saves for backward is kept either way)."""
+        from snncc.verify import iter_refs
+        last: Dict[str, int] = {}
+        for i, t in enumerate(self.tasks):
+            for ref in iter_refs((t.args, t.kwargs)):
+                last[ref.task] = i
+        frees: List[List[str]] = [[] for _ in self.tasks]
+        for name, i in last.items():
+            if name != self.tg.output:
+                frees[i].append(name)
+        return [tuple(f) for f in frees]
 
     # ----------------------------------------------------------------- values
     def _view(self, run: _Run, ref: Ref) -> Any:
@@ -500,7 +517,7 @@ class Executor:
         if states is None:
             self.reset_state()
         run = _Run({"__inputs__": tuple(inputs)}, {}, dict(states or {}))
-        for task in self.tasks:
+        for i, task in enumerate(self.tasks):
             try:
                 if observer is not None:
                     observer.before(task)
@@ -512,6 +529,10 @@ class Executor:
                 raise
             except Exception as exc:
                 raise self._failure(task, run, exc) from exc
+            if self.plan is None:       # (streams: a value may still be in use on another stream)
+                for name in self.frees[i]:
+                    run.env.pop(name, None)
+                    run.views.pop(name, None)
         self.final_states = run.states
         if self.plan is not None:
             self.backend.join()

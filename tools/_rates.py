@@ -43,7 +43,10 @@ def is_neuron(m: nn.Module) -> bool:
         pass
     try:
         from snncc.frontend import is_stateful
-        if is_stateful(m) and not any(True for _ in m.children()):
+        from snncc.neurons import BaseNeuron
+        # NOTE: a neuron may have children (its surrogate module); a block with neurons inside is not one
+        if isinstance(m, BaseNeuron) or (is_stateful(m) and not any(
+                d is not m and is_stateful(d) for d in m.modules())):
             return True
     except Exception:   # noqa: BLE001 -- the frontend is being edited; the duck-typed test below still works
         pass
