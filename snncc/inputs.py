@@ -135,7 +135,7 @@ class _Propagation:
         self.check_dtype = check_dtype
 
     # ------------------------------------------------------------------ checks shared by the layers
-    def _params_fit(self, target: str, m: nn.Module, what: str, x: _Meta) -> None:
+    def _params_fit(self, target: str, m: nn.Module, what: str, x: _Meta, dtype: bool = True) -> None:
         p = next((t for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
                   if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
         if p is None:
@@ -143,7 +143,7 @@ class _Propagation:
         if x.device is not None and p.device != x.device:
             raise _Stop(Misfit(target, what, f"an input on {p.device} (where its parameters are)",
                                f"an input on {x.device}", "device", x.direct, p.device))
-        if x.dtype is not None and self.check_dtype:
+        if x.dtype is not None and self.check_dtype and dtype:
             if not (x.dtype.is_floating_point or x.dtype.is_complex):
                 raise _Stop(Misfit(target, what, f"a floating-point input ({p.dtype}, its parameters' dtype)",
                                    f"{x.dtype}", "dtype", x.direct, p.dtype))
@@ -169,6 +169,8 @@ class _Propagation:
             return self._linear(target, m, x)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             return self._batchnorm(target, m, x)
+        if getattr(m, "return_indices", False):
+            return UNKNOWN                                 # a tuple (values, indices)
         if isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
             return self._pool(m, x)
         if isinstance(m, (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)):
@@ -226,7 +228,8 @@ class _Propagation:
         if x.shape[1] != m.num_features:
             raise _Stop(Misfit(target, what, f"{m.num_features} channels at dim 1 of {layout}",
                                f"{_fmt(x.shape)} ({x.shape[1]} channels there)", "channels", x.direct))
-        self._params_fit(target, m, what, x)
+        # NOTE: device only: on CPU torch's BatchNorm takes a bfloat16/float16 input with float32 parameters
+        self._params_fit(target, m, what, x, dtype=False)
         return x
 
     def _pool(self, m: nn.Module, x: _Meta) -> Any:

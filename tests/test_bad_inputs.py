@@ -279,6 +279,18 @@ def test_inputs_eager_takes_are_not_refused():
     assert snncc.compile(Casts(), T=2)(torch.randint(0, 255, (3, 4), dtype=torch.uint8)).shape == (2, 3, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert snncc.compile(csnn(), T=2)(_img(2, 3, 16, 16).bfloat16()).shape == (2, 2, 10)
+    # torch's CPU BatchNorm takes a bfloat16 input with float32 parameters
+    bn = nn.Sequential(nn.BatchNorm1d(4), snncc.LIF())
+    assert snncc.compile(bn, T=2)(_img(3, 4).bfloat16()).dtype == torch.bfloat16
+
+    class PoolIndices(nn.Module):                 # a pool that returns (values, indices)
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool, self.fc, self.sn = nn.MaxPool2d(2, return_indices=True), nn.Linear(3 * 4 * 4, 2), snncc.LIF()
+
+        def forward(self, x):
+            return self.sn(self.fc(self.pool(x)[0].flatten(1)))
+    assert snncc.compile(PoolIndices(), T=2)(_img(2, 3, 8, 8)).shape == (2, 2, 2)
 
 
 # --------------------------------------------------------------------------------------------- TaskFailure
