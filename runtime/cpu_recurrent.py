@@ -122,7 +122,8 @@ def rec_source(first: NeuronIR, steady: NeuronIR, full: Tuple[bool, ...], tap: s
         lines.append(cg.backward_body(ir, "          ", exp_float="snn_expf"))
         gx = f"g_{ir.x}" if ir.x in cg.float_values(ir) else "0"
         gr = f"g_{tap}" if tap in cg.float_values(ir) and tap in ir.params else "0"
-        lines.append(f"          GE[eo + h] = {gx}; GR[eo + h] = {gr}; gzn[h] = {gr};")
+        # NOTE: GR before GE: for a user's add they may be one buffer (the first step then keeps g_e)
+        lines.append(f"          GR[eo + h] = {gr}; GE[eo + h] = {gx}; gzn[h] = {gr};")
         for j, s in enumerate(ir.states):
             lines.append(f"          gst{j}[h] = g_{s};")
         if not ir.states:
@@ -333,7 +334,10 @@ class _RecCell(torch.autograd.Function):
         K, N, H = e.shape
         g_out = g_out.contiguous() if g_out is not None else torch.zeros_like(e)
         gsn = [torch.zeros(N, H, dtype=e.dtype) if g is None else g.contiguous() for g in g_sn]
-        ge, gr, sh = torch.empty_like(e), torch.empty_like(e), torch.empty_like(e)
+        ge, sh = torch.empty_like(e), torch.empty_like(e)
+        # NOTE: for a user's add (the tap form of with_tap) the gradients of e and r are the same values:
+        # one buffer (the kernel writes both, equal)
+        gr = ge if tap == TAP else torch.empty_like(e)
         gsp = torch.empty(N, H, dtype=e.dtype) if has_sp else None
         gs0 = [torch.empty(N, H, dtype=e.dtype) for _ in range(ns)] if has_st0 else [None] * ns
         gp = [torch.empty(N, H, dtype=p.dtype) for p in pars]
@@ -348,7 +352,10 @@ class _RecCell(torch.autograd.Function):
             gw = gr.reshape(-1, H).t() @ torch.cat([sp0.unsqueeze(0), sh[:-1]]).reshape(-1, H)
         else:
             gw = gr[1:].reshape(-1, H).t() @ sh[:-1].reshape(-1, H)
-        gb = gr.sum((0, 1)) if has_b else None
+        # a sequence's first step: r_0 = b where the module reads the tap there (RLeaky); a user's first
+        # step has no recurrent term (and gr[0] is g_e[0] when the buffers are shared)
+        first_reads = has_sp or tap != TAP
+        gb = (gr if first_reads else gr[1:]).sum((0, 1)) if has_b else None
         g_params = [g.sum_to_size(shape) if len(shape) else g.sum() for g, shape in zip(gp, ctx.param_shapes)]
         g_states = tuple(gs0) if has_st0 else ()
         return (None, None, None, None, None, ge, gw, gb, gsp) + g_states + tuple(g_params)

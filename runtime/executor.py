@@ -107,6 +107,55 @@ def _adjacent_view(parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     return flat.view(len(parts) * parts[0].shape[0], *parts[0].shape[1:])
 
 
+def _checkpoint_signals() -> Tuple[type, ...]:
+    """Exceptions torch's checkpoint raises through the recomputed function to stop it early: not failures."""
+    try:
+        from torch.utils.checkpoint import _StopRecomputationError
+        return (_StopRecomputationError,)
+    except ImportError:         # another torch version: nothing of the kind to let through
+        return ()
+
+
+_CHECKPOINT_SIGNALS = _checkpoint_signals()
+
+
+def _flatten(ext: Dict[str, Any], states: Dict[str, Any]) -> Tuple[List[Any], Any]:
+    """A chunk's inputs as one flat list (what ``checkpoint`` takes) and how to put them back."""
+    flat: List[Any] = []
+    spec: List[Any] = []
+    for n, v in ext.items():
+        if isinstance(v, dict):
+            spec.append(("steps", n, sorted(v)))
+            flat.extend(v[j] for j in sorted(v))
+        else:
+            spec.append(("value", n, None))
+            flat.append(v)
+    for key, v in states.items():
+        if isinstance(v, tuple):
+            spec.append(("state", key, len(v)))
+            flat.extend(v)
+        else:
+            spec.append(("state1", key, None))
+            flat.append(v)
+    return flat, spec
+
+
+def _unflatten(spec: Any, tensors: Sequence[Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    it = iter(tensors)
+    ext: Dict[str, Any] = {}
+    states: Dict[str, Any] = {}
+    for kind, n, extra in spec:
+        if kind == "steps":
+            ext[n] = {j: next(it) for j in extra}
+        elif kind == "value":
+            ext[n] = next(it)
+        elif kind == "state":
+            states[n] = tuple(next(it) for _ in range(extra))
+        else:
+            states[n] = next(it)
+    return ext, states
+
+
 @dataclass
 class _Run:
     """Per-call state: values, cached step views, neuron states."""
@@ -143,6 +192,7 @@ class Executor:
         self._cell_lifts: Dict[str, Any] = {}     # recurrent cells of built-in neurons: their lifted steps
         self.flattened = {t.name for t in self.tasks if t.kind == "neuron" and self._flattened(t)}
         self.frees = self._last_uses()
+        self.regions = self._time_regions() if options.memory == "min" else None
         self.handlers: Dict[str, Callable[[Task, _Run], Any]] = {
             "placeholder": self._placeholder, "get_attr": self._get_attr, "module": self._module,
             "function": self._function, "method": self._method, "neuron": self._neuron,
@@ -163,6 +213,34 @@ class Executor:
             if name != self.tg.output:
                 frees[i].append(name)
         return [tuple(f) for f in frees]
+
+    def _time_regions(self) -> Optional[List[List[int]]]:
+        """``memory="min"`` with chunks: the tasks grouped by time chunk (schedule indices), each chunk to run
+        under activation checkpointing, so that backward keeps only what crosses chunk boundaries (neuron
+        states, the recurrent spikes of the last step) and the peak grows with the chunk, not with T.
+
+        None (the usual run) when there is one chunk, or when recomputing a chunk in backward would not be
+        the same as running it once: training BatchNorm (running statistics updated twice), random draws,
+        opaque modules (their own state)."""
+        K = max((t.steps for t in self.tasks if t.batched and t.kind == "neuron"), default=0)
+        if K < 1 or not any(t.t0 is not None and t.t0 >= K for t in self.tasks):
+            return None
+        for t in self.tasks:
+            m = self.modules.get(t.target) if isinstance(t.target, str) else None
+            if t.kind == "opaque" or isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)) or \
+                    any(isinstance(self.modules.get(f.module), nn.modules.batchnorm._BatchNorm) for f in t.fused):
+                return None
+            if t.kind in ("function", "method") and "drop" in str(getattr(t.target, "__name__", t.target)):
+                return None
+        regions: Dict[int, List[int]] = {}
+        for i, t in enumerate(self.tasks):
+            if t.t0 is None:
+                continue                                   # time-invariant: runs before the chunks
+            r = t.t0 // K
+            if (t.t1 - 1) // K != r:
+                return None                                # a task across chunks: no clean cut
+            regions.setdefault(r, []).append(i)
+        return [regions[r] for r in sorted(regions)] if len(regions) > 1 else None
 
     # ----------------------------------------------------------------- values
     def _view(self, run: _Run, ref: Ref) -> Any:
@@ -429,7 +507,9 @@ class Executor:
         out, state = recurrent_cell_scan(lifted, e3, lin.weight, lin.bias, sp, st, params, binding.tap)
         state = tuple(s.reshape(shape[1:]) for s in state)
         run.states[task.target] = state
-        run.states[task.target + _PREV] = out[-1].reshape(shape[1:])
+        # NOTE: a copy of the one step: a view would keep the chunk's whole output alive (memory="min" chunks
+        # hand states to the next chunk through checkpoint, which keeps them)
+        run.states[task.target + _PREV] = out[-1].reshape(shape[1:]).clone()
         if self.last_chunk[task.target] == task.name:
             for name, v in zip(lifted.state_attrs, state):
                 _set_state(m, name, v)
@@ -517,6 +597,10 @@ class Executor:
         if states is None:
             self.reset_state()
         run = _Run({"__inputs__": tuple(inputs)}, {}, dict(states or {}))
+        if self.regions is not None and self.plan is None and observer is None and torch.is_grad_enabled():
+            out = self._run_regions(run)
+            self.final_states = run.states
+            return out
         for i, task in enumerate(self.tasks):
             try:
                 if observer is not None:
@@ -536,6 +620,93 @@ class Executor:
         self.final_states = run.states
         if self.plan is not None:
             self.backend.join()
+        return run.env[self.tg.output]
+
+    def _run_task(self, i: int, run: _Run) -> None:
+        task = self.tasks[i]
+        try:
+            run.env[task.name] = self.handlers[task.kind](task, run)
+        except (SNNCCError, *_CHECKPOINT_SIGNALS):
+            raise
+        except Exception as exc:
+            raise self._failure(task, run, exc) from exc
+
+    def _run_regions(self, run: _Run) -> Any:
+        """Time-invariant tasks first, then each time chunk under ``torch.utils.checkpoint`` (see
+        :meth:`_time_regions`): its inputs are the values it reads from outside (steps read from an earlier
+        chunk are copied, so the earlier chunk's whole output is not kept alive) and the states entering it;
+        its outputs the values later chunks read and the states leaving it."""
+        from torch.utils.checkpoint import checkpoint
+        from snncc.verify import iter_refs
+        inside = {i for r in self.regions for i in r}
+        for i in range(len(self.tasks)):
+            if i not in inside:
+                self._run_task(i, run)
+        region_of = {self.tasks[i].name: k for k, r in enumerate(self.regions) for i in r}
+        readers: Dict[str, set] = {}
+        for k, r in enumerate(self.regions):
+            for i in r:
+                for ref in iter_refs((self.tasks[i].args, self.tasks[i].kwargs)):
+                    readers.setdefault(ref.task, set()).add((k, ref.step))
+        for k, r in enumerate(self.regions):
+            names = {self.tasks[i].name for i in r}
+            ext: Dict[str, Any] = {}            # outside value -> the tensor or {step: copy}
+            for i in r:
+                for ref in iter_refs((self.tasks[i].args, self.tasks[i].kwargs)):
+                    if ref.task in names:
+                        continue
+                    if ref.step is None or region_of.get(ref.task) is None:
+                        ext[ref.task] = run.env[ref.task]
+                    elif not isinstance(ext.get(ref.task, {}), dict):
+                        continue
+                    else:
+                        ext.setdefault(ref.task, {})[ref.step] = self._view(run, ref).clone()
+            keep = [n for n in names if n == self.tg.output or
+                    any(kk != k for kk, _ in readers.get(n, ()))]
+            flat, spec = _flatten(ext, run.states)
+            if not all(isinstance(v, torch.Tensor) for v in flat):
+                for i in r:
+                    self._run_task(i, run)
+                continue
+
+            def chunk(*tensors: torch.Tensor, _r=r, _spec=spec, _keep=keep) -> Tuple[torch.Tensor, ...]:
+                ext_in, states_in = _unflatten(_spec, tensors)
+                sub = _Run({"__inputs__": run.env["__inputs__"]}, {}, states_in)
+                for n, v in ext_in.items():
+                    if isinstance(v, dict):
+                        sub.views[n] = [v.get(j) for j in range(len(self.tg.task(n).nodes))]
+                        sub.env[n] = None
+                    else:
+                        sub.env[n] = v
+                for name, v in run.env.items():
+                    sub.env.setdefault(name, v)
+                for i in _r:
+                    self._run_task(i, sub)
+                outs = [sub.env[n] for n in _keep]
+                if not all(isinstance(o, torch.Tensor) for o in outs):
+                    raise TaskFailure("a chunk's output is not one tensor (memory='min' checkpointing)")
+                skeys = sorted(sub.states)
+                chunk.state_spec = [(key, len(sub.states[key])) if isinstance(sub.states[key], tuple) else (key, -1)
+                                    for key in skeys]
+                return tuple(outs) + tuple(t for key in skeys for t in
+                                           (sub.states[key] if isinstance(sub.states[key], tuple) else (sub.states[key],)))
+            res = checkpoint(chunk, *flat, use_reentrant=False, preserve_rng_state=True)
+            for n, v in zip(keep, res):
+                run.env[n] = v
+            rest = list(res[len(keep):])
+            states: Dict[str, Any] = {}
+            for key, n in chunk.state_spec:
+                if n < 0:
+                    states[key] = rest.pop(0)
+                else:
+                    states[key] = tuple(rest[:n])
+                    del rest[:n]
+            run.states = states
+            for n in list(run.env):                    # values no later chunk reads
+                if n in region_of and region_of[n] <= k and n != self.tg.output and \
+                        not any(kk > k for kk, _ in readers.get(n, ())):
+                    run.env.pop(n, None)
+                    run.views.pop(n, None)
         return run.env[self.tg.output]
 
     def _failure(self, task: Task, run: _Run, exc: BaseException) -> TaskFailure:

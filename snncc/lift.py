@@ -819,7 +819,9 @@ def lift_neuron(m: nn.Module, dtype: torch.dtype = torch.float32, check: bool = 
 
     The module is left exactly as it was (attributes restored, global RNG untouched, no ``.grad`` written)."""
     snap = snapshot_attrs(m)
-    with torch.random.fork_rng(devices=[]):
+    # NOTE: identity saved-tensor hooks: a lift may happen inside a checkpointed chunk (memory="min"), whose
+    # hooks would otherwise swallow the probes' saved tensors
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         try:
             return _lift(m, dtype, check, snap)
         except LiftFailure:

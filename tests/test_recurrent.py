@@ -251,3 +251,60 @@ def test_snntorch_rleaky_streams_one_step_at_a_time() -> None:
         st = snncc.compile(m, sequence=True).stream()
         ys = torch.stack([st(x[t]) for t in range(7)])
     assert torch.equal(ys, ye)
+
+
+# --------------------------------------------------------------------------- memory="min" with chunks
+def _saved_bytes(fn: Any) -> int:
+    seen = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_memory_min_chunks_checkpoint_each_chunk_with_identical_gradients() -> None:
+    """memory="min" + chunk: each time chunk runs under activation checkpointing (runtime/executor.py,
+    _time_regions): backward keeps only what crosses chunk boundaries, and the gradients are bit-identical
+    to the same chunks' without it (the recomputation is the same computation)."""
+    from tools.bench_rsnn import RecurrentSNN
+    torch.manual_seed(6)
+    m = RecurrentSNN(inputs=12, hidden=64, classes=4).double()
+    with torch.no_grad():
+        m.fc_in.weight.mul_(6.0)
+        m.fc_rec.weight.mul_(3.0)
+        m.fc_out.weight.mul_(3.0)
+    x = _spikes(40, 4, 12, torch.float64)
+    runs = {}
+    for name, kw in (("default", dict(chunk=5)), ("min", dict(memory="min", chunk=5))):
+        twin = copy.deepcopy(m)
+        c = snncc.compile(twin, sequence=True, **kw)
+        c(x)
+        nbytes, y = _saved_bytes(lambda: c(x))
+        y.sum().backward()
+        runs[name] = (nbytes, y, [p.grad for p in twin.parameters()], c)
+    assert runs["min"][3]._specialization((x,))[1].regions is not None
+    assert torch.equal(runs["default"][1], runs["min"][1])
+    for a, b in zip(runs["default"][2], runs["min"][2]):
+        assert torch.equal(a, b)
+    x_bytes = x.untyped_storage().nbytes()           # the input itself is saved by both (the caller's)
+    assert runs["default"][1].sum() > 0
+    assert runs["min"][0] - x_bytes < (runs["default"][0] - x_bytes) / 3
+
+
+def test_memory_min_chunks_with_training_batchnorm_run_without_checkpointing() -> None:
+    """Recomputing a chunk would update BatchNorm's running statistics twice: such graphs run as usual."""
+    from test_golden_zoo import BNConvNet
+    torch.manual_seed(0)
+    m = BNConvNet("lif").double()
+    twin = copy.deepcopy(m)
+    c = snncc.compile(twin, sequence=True, memory="min", chunk=2)
+    x = torch.randn(4, 2, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert c._specialization((x,))[1].regions is None
+    ye, yc = _eager(m, x), c(x)
+    assert torch.allclose(ye, yc)
+    for a, b in zip([b for n, b in m.named_buffers() if "running" in n],
+                    [b for n, b in twin.named_buffers() if "running" in n]):
+        assert torch.allclose(a, b)
