@@ -88,6 +88,10 @@ def _fate(task: Task, traced: Any, reasons: Dict[str, str]) -> str:
         return _PLUMBING[task.kind]
     if task.kind == "neuron":
         binding = traced.bindings.get(task.target)
+        rec = task.fusion("recurrent")
+        if rec is not None:
+            # NOTE: a cell runs its neuron's lifted step inside the generated recurrent loop, whatever the neuron
+            return f"compiled (recurrent cell with {rec.module}: one fused loop per chunk)"
         return f"compiled ({neuron_kernel(binding)})"
     if task.kind == "opaque":
         return f"opaque: {_task_reason(task, traced, reasons)}"

@@ -308,3 +308,10 @@ def test_memory_min_chunks_with_training_batchnorm_run_without_checkpointing() -
     for a, b in zip([b for n, b in m.named_buffers() if "running" in n],
                     [b for n, b in twin.named_buffers() if "running" in n]):
         assert torch.allclose(a, b)
+
+
+def test_explain_names_the_recurrent_cell() -> None:
+    m = _model(torch.float32)
+    e = snncc.explain(m, _spikes(6, 2, 12, torch.float32), sequence=True)
+    assert e.layer("lif").fate.startswith("compiled (recurrent cell with fc_rec")
+    assert e.layer("fc_rec").fate == "fused into lif (recurrent)"
