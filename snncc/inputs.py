@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -509,11 +509,12 @@ def check_call(traced: Any, form: str, T: Optional[int], args: Tuple[Any, ...], 
     elif not misfit.direct:
         return
     elif misfit.kind == "dtype":
-        if misfit.expected is not None and x is not None and not x.dtype.is_floating_point:
-            fixes.append(f"convert the input to floating point, scaled as the model expects (e.g. x.to({misfit.expected})"
-                         " / 255 for 8-bit images)")
+        given_dtype = x.dtype if x is not None else "..."
+        if x is not None and not x.dtype.is_floating_point:
+            fixes.append(f"convert the input to floating point, scaled as the model expects (e.g. "
+                         f"x.to({misfit.expected}) / 255 for 8-bit images)")
         else:
-            fixes.append(f"convert the input (x.to({misfit.expected})) or the model (cmodel.to({x.dtype if x is not None else '...'}))")
+            fixes.append(f"convert the input (x.to({misfit.expected})) or the model (cmodel.to({given_dtype}))")
     elif misfit.kind == "device":
         fixes.append(f"move the input (x.to('{misfit.expected}')) or the model "
                      f"(cmodel.to('{x.device if x is not None else '...'}'))")

@@ -48,6 +48,8 @@ def _test_caches() -> str:
     return root
 
 
+#: whether this process was handed the run's directory (an xdist worker, a subprocess of the tests)
+TEST_CACHE_INHERITED = bool(os.environ.get("SNNCC_TESTS_TMP"))
 TEST_CACHE_DIR = _test_caches()
 
 import pytest  # noqa: E402  (after the caches are set: nothing below may read them earlier)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import snncc
-from conftest import assert_same_training, eager_run
+from conftest import assert_same_training
 from snncc.errors import InputError, TaskFailure, TraceFailure
 
 

@@ -16,7 +16,6 @@ import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, note, seed, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 import fuzz  # noqa: E402
 

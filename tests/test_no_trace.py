@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import snncc
-from conftest import TEST_CACHE_DIR
+from conftest import TEST_CACHE_DIR, TEST_CACHE_INHERITED
 from snncc.runtime import calibrate, cbuild
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +34,14 @@ def test_caches_are_temporary_in_this_process():
                        ("emulator", str(EMU_CACHE))):
         assert _inside(path), f"{what} cache at {path}, not under the run's {TEST_CACHE_DIR}"
         assert not os.path.abspath(path).startswith(home), f"{what} cache in the user's {home}"
+
+
+def test_xdist_workers_share_the_run_s_cache():
+    """Under pytest-xdist the controller makes the directory and every worker uses it (a kernel is
+    compiled once per run, not once per worker)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    assert TEST_CACHE_INHERITED, "this xdist worker made a cache directory of its own"
 
 
 def test_compiled_kernels_land_in_the_temporary_cache():
