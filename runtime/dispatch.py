@@ -194,11 +194,12 @@ def lifted_neuron_scan(lifted: Any, x: torch.Tensor, K: int, broadcast: bool,
 def recurrent_cell_scan(lifted: Any, e: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
                         sp0: Optional[torch.Tensor], state: Optional[Sequence[torch.Tensor]],
                         params: Sequence[torch.Tensor], tap: Optional[str] = None) -> Result:
-    """A recurrent cell (a neuron fed back its spikes through ``w``, ``b``) over ``e``'s K steps: the C loop
-    of ``cpu_recurrent`` when it claims the tensors, else the torch reference loop (any device; and under
-    autocast, where eager's Linear runs in lower precision). ``tap`` None: the neuron's input is
-    ``e + linear(s)`` (a user's add); else the lifted step's parameter that is the recurrent drive (the
-    module computes it itself, as snnTorch's RLeaky does) and ``params`` are its other parameters.
+    """A recurrent cell (a neuron fed back its spikes through ``w``, ``b``) over ``e``'s K steps: the CUDA
+    cell of ``cuda.rec_scan`` or the C loop of ``cpu_recurrent`` when one claims the tensors, else the torch
+    reference loop (any device; and under autocast, where eager's Linear runs in lower precision). ``tap``
+    None: the neuron's input is ``e + linear(s)`` (a user's add); else the lifted step's parameter that is
+    the recurrent drive (the module computes it itself, as snnTorch's RLeaky does) and ``params`` are its
+    other parameters.
     Returns ``(spikes [K, N, H], final states)``."""
     first, steady = _tapped(lifted.first, lifted.steady, tap)
     name = tap or cpu_recurrent.TAP
@@ -206,11 +207,20 @@ def recurrent_cell_scan(lifted: Any, e: torch.Tensor, w: torch.Tensor, b: Option
     if not torch.is_autocast_enabled(e.device.type):
         kernel, prelude = _kernel_steps(lifted)
         kfirst, ksteady = _tapped(kernel.first, kernel.steady, tap)
-        if cpu_recurrent.c_supports_rec(kfirst, ksteady) is None:
-            own = [p for p in lifted.steady.params if p != name]
-            derived = run_prelude(prelude, dict(zip(own, params)), e[0],
-                                  [p for p in kernel.steady.params if p != name][len(params):])
-            res = cpu_recurrent.rec_c_scan(kfirst, ksteady, name, e, w, b, sp0, state, tuple(params) + derived)
+        own = [p for p in lifted.steady.params if p != name]
+
+        def derived() -> Tuple[torch.Tensor, ...]:
+            return run_prelude(prelude, dict(zip(own, params)), e[0],
+                               [p for p in kernel.steady.params if p != name][len(params):])
+        if e.is_cuda:               # the CUDA cell (runtime/cuda/rec_scan.py) where CuPy is installed
+            try:
+                from .cuda import rec_scan
+            except ImportError:
+                rec_scan = None
+            if rec_scan is not None and rec_scan.cuda_supports_rec(kfirst, ksteady, e, name) is None:
+                res = rec_scan.rec_cuda_scan(kfirst, ksteady, name, e, w, b, sp0, state, tuple(params) + derived())
+        if res is None and cpu_recurrent.c_supports_rec(kfirst, ksteady) is None:
+            res = cpu_recurrent.rec_c_scan(kfirst, ksteady, name, e, w, b, sp0, state, tuple(params) + derived())
     if res is None:
         res = reference.recurrent_scan(first, steady, name, e, w, b, sp0, state, params)
     return res
