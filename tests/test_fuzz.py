@@ -30,10 +30,12 @@ BASE = dict(deadline=None, database=None, print_blob=True, report_multiple_bugs=
 
 
 RATES = []          # every compared step's spike rate: the comparisons were not vacuous
+COUNT = [0]         # examples run
 
 
 def _case(spec, setup, ops) -> None:
     note(fuzz.describe(spec, setup, ops))
+    COUNT[0] += 1
     stats = fuzz.run_case(spec, setup, ops, log=note)
     note(f"stats: {stats}")
     RATES.extend(stats.get("rates", []))
@@ -52,6 +54,7 @@ def _test(max_examples: int, derandomize: bool):
 def test_fuzz_models_and_call_sequences():
     """Random models, options and call sequences: every step equals the eager twin's."""
     RATES.clear()
+    start = time.monotonic()
     if SECONDS is None:
         _test(EXAMPLES or CI_EXAMPLES, derandomize=EXAMPLES is None)()
     else:
@@ -60,4 +63,6 @@ def test_fuzz_models_and_call_sequences():
         while time.monotonic() < end:
             seed(int(time.time() * 1000) % (2 ** 32) + batch)(_test(10, derandomize=False))()
             batch += 1
+    print(f"\nfuzz: {COUNT[0]} examples, {len(RATES)} compared steps in {time.monotonic() - start:.0f} s, "
+          f"mean spike rate {sum(RATES) / max(len(RATES), 1):.3f}")
     assert any(0.0 < r < 1.0 for r in RATES), f"no compared step had neurons both firing and silent: {RATES}"
