@@ -315,3 +315,27 @@ def test_explain_names_the_recurrent_cell() -> None:
     e = snncc.explain(m, _spikes(6, 2, 12, torch.float32), sequence=True)
     assert e.layer("lif").fate.startswith("compiled (recurrent cell with fc_rec")
     assert e.layer("fc_rec").fate == "fused into lif (recurrent)"
+
+
+@pytest.mark.parametrize("has_sp,has_st", [(False, False), (True, True), (False, True), (True, False)])
+def test_cell_gradients_for_every_start(has_sp: bool, has_st: bool) -> None:
+    """Regression (found by the CUDA cell's author): step 0 contributes to W's and b's gradients exactly
+    when its IR reads the recurrent drive; a state without previous spikes (r_0 = b) and previous spikes
+    without a state (a user's first step: no recurrent term, g_e[0] in the shared buffer) were wrong."""
+    from snncc.lift import lift_neuron
+    lifted = lift_neuron(snncc.LIF(), torch.float64)
+    first, steady = lifted.first, cpu_recurrent.with_tap(lifted.steady)
+    g = torch.Generator().manual_seed(0)
+    K, N, H = 5, 3, 7
+    e = (torch.randn(K, N, H, generator=g, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
+    w = torch.randn(H, H, generator=g, dtype=torch.float64).requires_grad_(True)
+    b = torch.randn(H, generator=g, dtype=torch.float64).requires_grad_(True)
+    sp0 = (torch.rand(N, H, generator=g, dtype=torch.float64) < 0.5).double() if has_sp else None
+    st = (torch.randn(N, H, generator=g, dtype=torch.float64),) if has_st else None
+    ours = cpu_recurrent.rec_c_scan(first, steady, cpu_recurrent.TAP, e, w, b, sp0, st, ())
+    ref = reference.recurrent_scan(first, steady, cpu_recurrent.TAP, e, w, b, sp0, st, ())
+    assert torch.equal(ours[0], ref[0])
+    u = torch.randn(K, N, H, generator=g, dtype=torch.float64)
+    for a, r in zip(torch.autograd.grad((ours[0] * u).sum(), [e, w, b]),
+                    torch.autograd.grad((ref[0] * u).sum(), [e, w, b])):
+        assert torch.allclose(a, r, rtol=1e-10, atol=1e-12)
