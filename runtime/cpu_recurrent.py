@@ -351,14 +351,11 @@ class _RecCell(torch.autograd.Function):
         # step 0 counts where its IR reads the tap (r_0 = b + W sp0, sp0 = 0 without previous spikes); a
         # user's first step from the reset state does not (and gr[0] is then g_e[0]: the buffers are shared)
         reads0 = tap in (steady if has_st0 else first).params
-        gw = gr[1:].reshape(-1, H).t() @ sh[:-1].reshape(-1, H)
         if reads0 and has_sp:
-            gw = gw + gr[0].t() @ sp0
-        gb = None
-        if has_b:
-            gb = gr[1:].sum((0, 1))
-            if reads0:
-                gb = gb + gr[0].sum(0)
+            gw = gr.reshape(-1, H).t() @ torch.cat([sp0.unsqueeze(0), sh[:-1]]).reshape(-1, H)
+        else:
+            gw = gr[1:].reshape(-1, H).t() @ sh[:-1].reshape(-1, H)
+        gb = (gr if reads0 else gr[1:]).sum((0, 1)) if has_b else None
         g_params = [g.sum_to_size(shape) if len(shape) else g.sum() for g, shape in zip(gp, ctx.param_shapes)]
         g_states = tuple(gs0) if has_st0 else ()
         return (None, None, None, None, None, ge, gw, gb, gsp) + g_states + tuple(g_params)
