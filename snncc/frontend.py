@@ -132,9 +132,10 @@ class _ShapedProxy(fx.Proxy):
 class _SNNTracer(fx.Tracer):
     """Keeps neurons, stateful modules and user-declared leaves as leaves; remembers the module stack."""
 
-    def __init__(self, leaf_types: Tuple[Type[nn.Module], ...]) -> None:
+    def __init__(self, leaf_types: Tuple[Type[nn.Module], ...], whole: frozenset = frozenset()) -> None:
         super().__init__()
         self.leaf_types = leaf_types
+        self.whole = whole          # ids of stateful blocks kept as leaves (their trace failed)
         self._snncc_stack: List[str] = []
         self.opaque: set = set()
         self.example_shapes: List[Optional[torch.Size]] = []
@@ -143,7 +144,7 @@ class _SNNTracer(fx.Tracer):
         if isinstance(m, self.leaf_types):
             self.opaque.add(qualname)
             return True
-        if is_stateful(m) and not _traced_through(m):
+        if is_stateful(m) and (not _traced_through(m) or id(m) in self.whole):
             return True
         return super().is_leaf_module(m, qualname) or _is_torch_leaf(m)
 
@@ -224,18 +225,32 @@ def trace_unrolled(model: nn.Module, form: str, T: Optional[int],
     ``example_inputs`` give a self-looping model's inputs' shapes to the trace (snncc specializes on them).
     """
     leaf_types = tuple(leaf_modules)
-    tracer = _SNNTracer(leaf_types)
-    if form == "loop":
-        tracer.example_shapes = [a.shape if isinstance(a, torch.Tensor) else None for a in example_inputs]
     root: nn.Module = model if form == "loop" else _Unrolled(model, int(T), form == "sequence")
-    with _attrs_restored(model):
-        _reset_containers(model, tracer)
-        try:
-            graph = tracer.trace(root)
-        except TraceFailure:
-            raise
-        except Exception as exc:  # fx raises TraceError, TypeError, AttributeError... all mean "not traceable"
-            raise _trace_error(model, exc, getattr(exc, "_snncc_module_stack", [])) from exc
+    whole: set = set()
+    untraced: Dict[int, str] = {}       # block id -> why it could not be traced into
+    while True:
+        tracer = _SNNTracer(leaf_types, frozenset(whole))
+        if form == "loop":
+            tracer.example_shapes = [a.shape if isinstance(a, torch.Tensor) else None for a in example_inputs]
+        with _attrs_restored(model):
+            _reset_containers(model, tracer)
+            try:
+                graph = tracer.trace(root)
+                break
+            except TraceFailure:
+                raise
+            except Exception as exc:  # fx raises TraceError, TypeError, AttributeError...: "not traceable"
+                stack = getattr(exc, "_snncc_module_stack", [])
+                block = _untraceable_block(model, stack, whole)
+                if block is None:
+                    raise _trace_error(model, exc, stack) from exc
+                # NOTE: a stateful block with neurons inside is traced into; one that cannot be traced runs
+                # as one opaque leaf, step by step, as such blocks did before (and is warned about)
+                whole.add(id(model.get_submodule(block)))
+                untraced[id(model.get_submodule(block))] = (
+                    f"it contains neurons but its forward cannot be traced ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:160]}); rewrite the data-dependent Python there with tensor "
+                    "ops (torch.where) to compile its neurons")
     stateful: Dict[str, nn.Module] = {}
     bindings: Dict[str, NeuronBinding] = {}
     reasons: Dict[str, str] = {}
@@ -249,6 +264,10 @@ def trace_unrolled(model: nn.Module, form: str, T: Optional[int],
             stateful[node.target] = m
             if node.target in tracer.opaque:
                 reasons[node.target] = "declared a leaf (leaf_modules=)"
+                continue
+            if id(m) in untraced:
+                reasons[node.target] = untraced[id(m)]
+                _warn_opaque(node.target, m, reasons[node.target])
                 continue
             r = bind(m)
             if r.binding is None:
@@ -287,6 +306,17 @@ def _reset_containers(model: nn.Module, tracer: "_SNNTracer") -> None:
         if callable(getattr(m, "reset", None)) and not isinstance(m, tracer.leaf_types) and \
                 (m is model or _traced_through(m)):
             m.reset()
+
+
+def _untraceable_block(model: nn.Module, stack: List[str], whole: set) -> Optional[str]:
+    """The innermost traced-into stateful block (not the root) on the failing trace's module stack."""
+    for q in reversed(stack):
+        if not q:
+            continue
+        m = model.get_submodule(q)
+        if is_stateful(m) and _traced_through(m) and id(m) not in whole:
+            return q
+    return None
 
 
 def _traced_through(m: nn.Module) -> bool:

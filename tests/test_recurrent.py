@@ -339,3 +339,32 @@ def test_cell_gradients_for_every_start(has_sp: bool, has_st: bool) -> None:
     for a, r in zip(torch.autograd.grad((ours[0] * u).sum(), [e, w, b]),
                     torch.autograd.grad((ref[0] * u).sum(), [e, w, b])):
         assert torch.allclose(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_blocks_with_reset_are_traced_into_and_untraceable_ones_stay_opaque() -> None:
+    """A module with ``reset()`` around neurons is traced into (its neurons compile); one whose forward
+    cannot be traced (data-dependent control flow) runs as one opaque leaf, as before, with the reason."""
+
+    class Block(nn.Module):
+        def __init__(self, traceable: bool) -> None:
+            super().__init__()
+            self.fc, self.lif, self.traceable = nn.Linear(4, 4), snncc.LIF(), traceable
+
+        def reset(self) -> None:
+            self.lif.reset()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x) * 3
+            if not self.traceable and h.sum() > 0:
+                h = h * 2
+            return self.lif(h)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), Block(False), Block(True)).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with pytest.warns(snncc.frontend.OpaqueModuleWarning, match=r"'1'.*contains neurons but its forward cannot be traced"):
+        c = snncc.compile(copy.deepcopy(m), sequence=True)
+        y = c(x)
+    assert torch.equal(y, _eager(m, x))
+    kinds = {(t.target, t.kind) for t in c.specialize(x).task_graph.tasks() if t.kind in ("neuron", "opaque")}
+    assert kinds == {("1", "opaque"), ("2.lif", "neuron")}
