@@ -11,7 +11,9 @@ from .fuse_conv_bn_neuron import fuse_conv_bn_neuron
 from .insert_bitpack import insert_bitpack
 from .schedule_layer_major import schedule_layer_major, schedule_wavefront
 from .choose_chunk import ChunkChoice, LayerCost, choose_chunk, layer_costs
+from .plan_memory import LayerPlan, MemoryPlan, ScanCost, plan_memory
 
 __all__ = ["hoist_time_invariant", "tag_timesteps", "NodeTag", "batch_over_time", "Group",
            "build_task_graph", "fuse_conv_bn_neuron", "insert_bitpack", "schedule_layer_major",
-           "schedule_wavefront", "choose_chunk", "layer_costs", "LayerCost", "ChunkChoice"]
+           "schedule_wavefront", "choose_chunk", "layer_costs", "LayerCost", "ChunkChoice",
+           "plan_memory", "ScanCost", "LayerPlan", "MemoryPlan"]

@@ -340,8 +340,8 @@ class _CBNScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, spec: NeuronSpec, K: int, need_grad: bool, pool: Optional[int], pool_cf: bool,
-                eps: float, x: torch.Tensor, v0: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor]):
+                eps: float, recompute: bool, x: torch.Tensor, v0: Optional[torch.Tensor],
+                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
         x_step = x[0]
         if not (x_step.is_contiguous() or _channels_last(x_step)):
             x = x.contiguous()
@@ -353,20 +353,28 @@ class _CBNScan(torch.autograd.Function):
         beta = -mean * alpha if bias is None else bias.detach() - mean * alpha
         alpha, beta = alpha.to(x.dtype).contiguous(), beta.to(x.dtype).contiguous()
         lib = _kernels(spec, x.dtype, pool)
-        out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, False, K, v0, None, pool, need_grad, None,
+        out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, False, K, v0, None, pool,
+                                           need_grad and not recompute, None,
                                            pool_cf=pool_cf and pool is not None, bn=(alpha, beta))
         ctx.spec, ctx.K, ctx.pool, ctx.pool_cf, ctx.x_dtype = spec, K, pool, pool_cf and pool is not None, x.dtype
         ctx.out_meta = (tuple(out.shape), out.stride())
         ctx.has_bias = bias is not None
+        ctx.recompute = recompute
         ctx.set_materialize_grads(False)
         if need_grad:
-            ctx.save_for_backward(hs, bits, x, v0, mean, invstd, weight)
+            if recompute:    # backward reruns the kernel with the same per-step (alpha, beta): the same H
+                ctx.save_for_backward(alpha, beta, x, v0, mean, invstd, weight)
+            else:
+                ctx.save_for_backward(hs, bits, x, v0, mean, invstd, weight)
         return out, v, mean, var
 
     @staticmethod
     def backward(ctx: Any, g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor], _gm: Any, _gv: Any):
         hs, bits, x, v0, mean, invstd, weight = ctx.saved_tensors
         lib = _kernels(ctx.spec, ctx.x_dtype, ctx.pool)
+        if ctx.recompute:
+            _, _, hs, bits = _forward_kernel(lib, ctx.spec, x, x[0], False, ctx.K, v0, None, ctx.pool, True,
+                                             None, want_out=False, bn=(hs, bits))
         g_y, g_v0, _ = _scan_grads(lib, ctx.spec, ctx.K, ctx.pool, ctx.pool_cf, False, ctx.x_dtype, ctx.out_meta,
                                    hs, bits, g_out, g_v_last, None, v0, None)
         # BatchNorm's backward for the K steps at once (the formula of runtime/batchnorm.py)
@@ -378,19 +386,22 @@ class _CBNScan(torch.autograd.Function):
         g_sum = g_y.sum(dims, keepdim=True)
         g_dot = (g_y * xhat).sum(dims, keepdim=True)
         scale = istd if weight is None else istd * weight.view(1, 1, -1, 1, 1)
-        g_x = (g_y - g_sum / n - xhat * (g_dot / n)) * scale if ctx.needs_input_grad[6] else None
-        g_w = g_dot.sum(0).view(-1) if weight is not None and ctx.needs_input_grad[8] else None
-        g_b = g_sum.sum(0).view(-1) if ctx.has_bias and ctx.needs_input_grad[9] else None
-        return (None, None, None, None, None, None, g_x, g_v0 if ctx.needs_input_grad[7] else None, g_w, g_b)
+        g_x = (g_y - g_sum / n - xhat * (g_dot / n)) * scale if ctx.needs_input_grad[7] else None
+        g_w = g_dot.sum(0).view(-1) if weight is not None and ctx.needs_input_grad[9] else None
+        g_b = g_sum.sum(0).view(-1) if ctx.has_bias and ctx.needs_input_grad[10] else None
+        return (None, None, None, None, None, None, None, g_x, g_v0 if ctx.needs_input_grad[8] else None, g_w,
+                g_b)
 
 
 def c_bn_scan(spec: NeuronSpec, x: torch.Tensor, K: int, v0: Optional[torch.Tensor], bn: Any,
-              pool: Optional[int] = None, pool_cf: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+              pool: Optional[int] = None, pool_cf: bool = False,
+              recompute: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``neuron(batch_norm(x[t]))`` over K steps for a BatchNorm2d in training mode, fused (``_CBNScan``):
     spikes (or their max pool) and the final V; the running statistics are updated K times, in order."""
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (x, v0, bn.weight, bn.bias))
-    out, v, mean, var = _CBNScan.apply(spec, K, need_grad, pool, pool_cf, bn.eps, x, v0, bn.weight, bn.bias)
+    out, v, mean, var = _CBNScan.apply(spec, K, need_grad, pool, pool_cf, bn.eps, recompute, x, v0, bn.weight,
+                                       bn.bias)
     update_running_stats(bn, mean.detach(), var.detach(), x[0].numel() // x.shape[2])
     return out, v
 

@@ -8,6 +8,7 @@ input to a conv), the task falls back to running its steps one by one: slower, n
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +25,7 @@ from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
 from .dispatch import lifted_neuron_scan, neuron_scan, recurrent_cell_scan
 from snncc.lift import _set_state
+from snncc.passes.plan_memory import STEP_PER_FORWARD, MemoryPlan, ScanCost, plan_memory
 
 
 _WARNED: set = set()
@@ -193,10 +195,55 @@ class Executor:
         self.flattened = {t.name for t in self.tasks if t.kind == "neuron" and self._flattened(t)}
         self.frees = self._last_uses()
         self.regions = self._time_regions() if options.memory == "min" else None
+        # memory plan (passes/plan_memory.py): the neuron scans seen in training, the training forwards'
+        # times, and (memory="default") the plan the later calls run with
+        self._scans: Dict[str, ScanCost] = {}
+        self._fwd_us: List[float] = []
+        self._device: Optional[torch.device] = None
+        self._plan: Optional[MemoryPlan] = None
         self.handlers: Dict[str, Callable[[Task, _Run], Any]] = {
             "placeholder": self._placeholder, "get_attr": self._get_attr, "module": self._module,
             "function": self._function, "method": self._method, "neuron": self._neuron,
             "opaque": self._opaque, "output": self._output}
+
+    #: training forwards timed for the default memory plan (the fastest counts: the first pays for kernels)
+    PLAN_CALLS = 3
+
+    @property
+    def memory_plan(self) -> MemoryPlan:
+        """What each built-in neuron scan keeps for backward (``passes.plan_memory``): the plan the default
+        mode runs with (from its first training calls on), or what ``max``/``half``/``min`` keep. Empty
+        before a training call (the scans are recorded as they run)."""
+        if self.options.memory == "default" and self._plan is not None:
+            return self._plan
+        return self._make_plan()
+
+    def _make_plan(self) -> MemoryPlan:
+        cal = None
+        if self._scans and self.options.memory in ("default", "min", "max"):
+            from .calibrate import calibrate
+            cal = calibrate(self._device or torch.device("cpu"))
+        step = STEP_PER_FORWARD * min(self._fwd_us) if self._fwd_us else None
+        order = {t.name: i for i, t in enumerate(self.tasks)}
+        scans = sorted(self._scans.values(), key=lambda c: order.get(c.name, 0))
+        return plan_memory(scans, self.options.memory, cal, step)
+
+    def _recompute(self, task: Task) -> bool:
+        """Whether this neuron scan keeps only its input and reruns in backward (the memory plan)."""
+        mode = self.options.memory
+        if mode == "min":
+            return True
+        return mode == "default" and self._plan is not None and self._plan.recompute(task.name)
+
+    def _record_scan(self, task: Task, xs: torch.Tensor, broadcast: bool, K: int, state0: Any, spec: Any,
+                     can: bool, why: str = "", keeps_input: bool = False) -> None:
+        if task.name in self._scans or not torch.is_grad_enabled():
+            return
+        M = xs.numel() // (1 if broadcast else max(K, 1))
+        size = 4 if xs.dtype in (torch.float16, torch.bfloat16) else xs.element_size()
+        self._scans[task.name] = ScanCost(task.name, str(task.target), int(M), K, size, broadcast,
+                                          state0 is not None, 2 if self.h_dtype is not None else None,
+                                          can, keeps_input or spec.kind == "plif", why)
 
     def _last_uses(self) -> List[Tuple[str, ...]]:
         """For each task in schedule order, the values no later task reads: dropped once it has run.
@@ -401,14 +448,19 @@ class Executor:
         bn_f = task.fusion("bn_train")
         state0 = run.states.get(task.target)
         if bn_f is not None and self._bn_kernel(binding.spec, xs, step_dim, state0):
+            self._record_scan(task, xs, broadcast, K, state0, binding.spec, True, keeps_input=True)
             spikes, v = c_bn_scan(binding.spec, xs, K, None if state0 is None else state0[0],
-                                  self.modules[bn_f.module], pool=k, pool_cf=cf)
+                                  self.modules[bn_f.module], pool=k, pool_cf=cf, recompute=self._recompute(task))
             state: Tuple[torch.Tensor, ...] = (v,)
         else:
             if bn_f is not None:    # the same semantics without the kernel: the K steps' BatchNorm, then the scan
                 xs = batch_norm_steps(xs, self.modules[bn_f.module])
+            can = xs.device.type == "cpu" and cpu_supports(binding.spec, xs.float() if xs.dtype in (
+                torch.float16, torch.bfloat16) else xs, None if state0 is None else state0[0])
+            self._record_scan(task, xs, broadcast, K, state0, binding.spec, can,
+                              "" if can else "kernel keeps H (not a built-in C kernel on this device)")
             spikes, state = neuron_scan(binding.spec, xs, K, broadcast, state0, params, pool=k,
-                                        h_dtype=self.h_dtype, recompute=self.options.memory == "min", pool_cf=cf)
+                                        h_dtype=self.h_dtype, recompute=self._recompute(task), pool_cf=cf)
         if pool is not None and k is None:        # not 4-d per step: the pool module, step by step
             pm = self.modules[pool.module]
             spikes = torch.stack([pm(s) for s in spikes])
@@ -532,10 +584,10 @@ class Executor:
         return out.reshape(K * out.shape[1], *out.shape[2:])
 
     def _bn_kernel(self, spec: Any, xs: torch.Tensor, step_dim: int, state0: Any) -> bool:
-        """Whether the fused BatchNorm + scan kernel runs this chunk (CPU, IF/LIF, 4-d steps, exact H kept;
-        otherwise the unfused path, same values)."""
+        """Whether the fused BatchNorm + scan kernel runs this chunk (CPU, IF/LIF, 4-d steps, H kept exact or
+        recomputed; otherwise the unfused path, same values)."""
         return (step_dim == 4 and spec.kind in ("if", "lif") and self.h_dtype is None and
-                self.options.memory != "min" and cpu_supports(spec, xs, None if state0 is None else state0[0]))
+                cpu_supports(spec, xs, None if state0 is None else state0[0]))
 
     def _flattened(self, task: Task) -> bool:
         """Every reader of ``task`` flattens it (so channels-first output saves the flatten a copy)."""
@@ -594,6 +646,23 @@ class Executor:
         modules keep the state they have, and the final states are left in ``self.final_states``."""
         if len(inputs) != len(self.placeholders):
             raise InputError(f"compiled model takes {len(self.placeholders)} input(s), got {len(inputs)}")
+        t0 = time.perf_counter()
+        out = self._run(inputs, observer, states)
+        first = next((o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                      if isinstance(o, torch.Tensor)), None)
+        if torch.is_grad_enabled() and first is not None and first.requires_grad and \
+                len(self._fwd_us) < self.PLAN_CALLS:
+            # NOTE: the memory plan is measured on the first training calls (the fastest of them: the
+            # first also loads kernels); results are the same whatever the plan, only the bytes kept differ
+            self._fwd_us.append((time.perf_counter() - t0) * 1e6)
+            if self._device is None:
+                self._device = first.device
+            if self.options.memory == "default" and self._scans:
+                self._plan = self._make_plan()
+        return out
+
+    def _run(self, inputs: Sequence[Any], observer: Optional[TaskObserver],
+             states: Optional[Dict[str, Tuple[torch.Tensor, ...]]]) -> Any:
         if states is None:
             self.reset_state()
         run = _Run({"__inputs__": tuple(inputs)}, {}, dict(states or {}))

@@ -87,6 +87,13 @@ class CompiledModule(nn.Module):
         self.training = model.training
 
     @property
+    def memory_plans(self) -> Dict[Tuple[Any, ...], Any]:
+        """What each neuron scan keeps for backward, per cached specialization (key -> ``passes.MemoryPlan``:
+        per scan, "h" or "input", the bytes kept, the predicted recompute time). With ``memory="default"``
+        the plan is chosen by ``passes/plan_memory.py`` from the first training calls' measured time."""
+        return {k: ex.memory_plan for k, (_, ex) in self._snncc_cache.items()}
+
+    @property
     def model(self) -> nn.Module:
         """The original (eager) model; it shares every parameter and buffer with this module."""
         return self._snncc_model
@@ -363,8 +370,9 @@ def compile(model: nn.Module, T: Optional[int] = None, *, sequence: bool = False
     Each call starts from the reset state. ``leaf_modules``: module classes to run as black boxes, step by
     step (the way out for code torch.fx cannot trace). ``verify``: check every pass's output.
 
-    Options (exact by default; see ``snncc.config.Options``): ``memory`` "default" | "half" (H kept in
-    float16 for backward) | "min" (backward reruns the neuron scans); ``fuse``/``bitpack``: the fusion and
+    Options (exact by default; see ``snncc.config.Options``): ``memory`` "default" (per layer, what "min"
+    keeps where rerunning the scan is cheap: passes/plan_memory.py) | "max" (H and spike bits kept for
+    every layer) | "half" (H kept in float16 for backward) | "min" (backward reruns the neuron scans); ``fuse``/``bitpack``: the fusion and
     bit-packing passes; ``chunk``: timesteps per task (None: all T; an int: a wavefront of chunks; "auto":
     the cost model of ``passes/choose_chunk.py`` picks it per input shape after the first call, on a
     measurement of the device cached on disk, decisions in ``chunk_choices``); ``streams``: CUDA streams

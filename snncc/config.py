@@ -8,10 +8,13 @@ from .errors import InputError
 
 __all__ = ["Options", "MEMORY_MODES"]
 
-#: default: H kept in the input's dtype (float32), spikes as bits, spike inputs of conv/linear as bits.
+#: default: per neuron layer, a cost model (passes/plan_memory.py) picks what min keeps where rerunning the
+#:   scan in backward costs little (<= 5% of the measured training step in all), else what max keeps (exact).
+#: max: H kept in the input's dtype (float32) and the spikes as bits for every layer (fastest backward).
 #: half: H kept in float16 for backward (forward and spikes unchanged; gradients to half precision).
 #: min: neuron kernels keep only their input and initial V; backward reruns the forward scan (exact).
-MEMORY_MODES = ("default", "half", "min")
+#: Spike inputs of conv/linear layers are kept as bits in every mode (``bitpack``).
+MEMORY_MODES = ("default", "max", "half", "min")
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,8 @@ class Explanation:
     saved_unattributed: Optional[int] = None   # of which saved outside any task (the executor's own work)
     warnings: List[str] = field(default_factory=list)
     compiled: Any = field(default=None, repr=False, compare=False)   # the pipeline's Compiled
+    #: what each neuron scan keeps for backward from now on (passes.MemoryPlan; None: not training)
+    memory_plan: Any = field(default=None, repr=False, compare=False)
 
     def layer(self, qualname: str) -> Layer:
         """The row of layer ``qualname``."""
@@ -193,7 +195,8 @@ class Explanation:
                 "inputs": [{"shape": list(s), "dtype": d} for s, d in self.inputs],
                 "layers": [r.to_dict() for r in self.layers], "opaque": dict(self.opaque),
                 "counts": dict(self.counts), "saved_bytes": self.saved_bytes,
-                "saved_unattributed": self.saved_unattributed, "warnings": list(self.warnings)}
+                "saved_unattributed": self.saved_unattributed, "warnings": list(self.warnings),
+                "memory_plan": None if self.memory_plan is None else self.memory_plan.as_dict()}
 
     def __str__(self) -> str:
         form = {"static": f"T={self.T}, the input fed at every step", "sequence": f"T={self.T}, sequence input",
@@ -233,6 +236,8 @@ class Explanation:
             lines.append(f"saved for backward: {_fmt_bytes(self.saved_bytes)} (measured on this forward){extra}")
         else:
             lines.append("saved for backward: - (not measured: eval mode, grad disabled or no output needs grad)")
+        if self.memory_plan is not None and self.memory_plan.layers:
+            lines.append(f"memory plan for the next training calls: {self.memory_plan.summary()}")
         notes = sorted({r.rate_note for r in self.layers if r.rate_note})
         for note in notes:
             lines.append(f"* {note}")
@@ -482,7 +487,8 @@ def explain(model: nn.Module, *example_inputs: Any, T: Optional[int] = None, seq
         inputs=[(tuple(a.shape), str(a.dtype).replace("torch.", "")) for a in inputs if isinstance(a, torch.Tensor)],
         layers=layers, opaque=opaque, counts=_counts(compiled, layers), saved_bytes=total,
         saved_unattributed=None if total is None else max(total - attributed, 0),
-        warnings=[f"{w.category.__name__}: {w.message}" for w in caught], compiled=compiled)
+        warnings=[f"{w.category.__name__}: {w.message}" for w in caught], compiled=compiled,
+        memory_plan=executor.memory_plan if measured else None)
 
 
 def _flat(value: Any) -> List[Any]:

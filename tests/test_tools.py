@@ -96,6 +96,7 @@ def test_viz_html_shows_every_layer(tmp_path):
     for name in ("trace", "hoist_time_invariant", "batch_over_time", "build_task_graph"):
         assert name in text, f"pass {name!r} missing"
     assert "measured" in text and "planned" in text
+    assert "memory plan" in text and "backward keeps" in text      # passes/plan_memory.py, per neuron layer
     assert "http://" not in page.replace("http://www.w3.org", ""), "the page must be self-contained"
 
 
@@ -186,7 +187,10 @@ def test_prof_json_and_trace(tmp_path, capsys):
                              "--json", str(js), "--trace", str(tr)]) == 0
     out = capsys.readouterr().out
     assert "variants" in out and "net.1" in out              # the rich tables
+    assert "memory plan" in out and "neuron scans recompute" in out
     rep = json.loads(js.read_text())
+    assert rep["memory_plan"]["mode"] == "default" and rep["memory_plan"]["layers"]
+    assert {d["keep"] for d in rep["memory_plan"]["layers"]} <= {"h", "input"}
     for key in ("model", "T", "batch", "device", "torch", "date", "variants", "tasks", "totals"):
         assert key in rep
     assert rep["T"] == 3 and rep["batch"] == 2 and rep["device"] == "cpu"

@@ -30,7 +30,7 @@ from ._loader import flatten_tensors
 
 __all__ = ["TaskRow", "RunRecord", "TaskProfiler", "profile_compiled", "planned_lanes", "task_describe", "module_class",
            "task_rows", "median_run",
-           "storage_bytes", "param_storages"]
+           "storage_bytes", "param_storages", "memory_plan_of", "memory_plan_lines", "memory_notes"]
 
 
 def storage_bytes(t: torch.Tensor) -> Tuple[int, int]:
@@ -333,3 +333,38 @@ def task_rows(prof: TaskProfiler, compiled: Any) -> List[TaskRow]:
             spike_rate=_median(rates), saved_bytes=last.saved.get(name, 0), out_bytes=last.out_bytes.get(name, 0),
             out_shape=last.shapes.get(name, [])))
     return rows
+
+
+# --------------------------------------------------------------------------- the memory plan
+def memory_plan_of(cm: Any) -> Optional[Any]:
+    """The memory plan (``passes.MemoryPlan``) of ``cm``'s most recently run specialization, or None (no
+    training call ran, or not a compiled model)."""
+    plans = getattr(cm, "memory_plans", None)
+    if not plans:
+        return None
+    plan = list(plans.values())[-1]
+    return plan if plan.layers else None
+
+
+def memory_plan_lines(plan: Any) -> List[str]:
+    """The plan as text: its summary, then per neuron layer what it keeps for backward and what rerunning
+    its scan costs (predicted by passes/plan_memory.py)."""
+    lines = [plan.summary()]
+    for layer, d in plan.by_layer().items():
+        what = "its input + initial V (scan rerun in backward)" if d["keep"] == "input" else \
+            "H + spike bits" if d["keep"] == "h" else "mixed over chunks"
+        cost = f", recompute {d['recompute_us'] / 1e3:.2f} ms" if d["keep"] != "h" else ""
+        lines.append(f"  {layer}: keeps {what}, {d['kept_bytes'] / 2 ** 20:.2f} MiB{cost} ({d['why']})")
+    return lines
+
+
+def memory_notes(plan: Optional[Any]) -> Dict[str, str]:
+    """Per neuron layer, a short note of what it keeps for backward (for tables of layers)."""
+    if plan is None:
+        return {}
+    out = {}
+    for layer, d in plan.by_layer().items():
+        mib = d["kept_bytes"] / 2 ** 20
+        out[layer] = (f"backward keeps input, {mib:.2f} MiB (recompute {d['recompute_us'] / 1e3:.2f} ms)"
+                      if d["keep"] != "h" else f"backward keeps H + bits, {mib:.2f} MiB")
+    return out

@@ -4,8 +4,9 @@ Variants are interleaved in one process (eager, snncc, eager, snncc, ...), each 
 round; medians are reported with their ratio. Measures a training step (forward + backward + Adam) and
 inference (eval, no_grad), and the bytes each variant keeps for backward (one forward under
 ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once). ``--torch-compile`` adds
-``torch.compile`` of the eager loop; ``snncc-half`` / ``snncc-min`` are ``snncc.compile(..., memory="half")``
-/ ``memory="min"``.
+``torch.compile`` of the eager loop; ``snncc-max`` / ``snncc-half`` / ``snncc-min`` are
+``snncc.compile(..., memory="max")`` / ``"half"`` / ``"min"`` (``snncc`` is the default memory plan, measured
+on its warm-up steps; the plan is printed).
 
     python tools/bench_csnn.py --batch 32 --T 8 --torch-compile
 """
@@ -76,6 +77,7 @@ def main(argv: List[str] = None) -> Dict[str, Dict[str, float]]:
         base.train()
         rates = calibrate(base, lambda: base(x), lambda: base(x), target=args.rate).rates
     variants: Dict[str, nn.Module] = {"eager": copy.deepcopy(base), "snncc": snncc.compile(copy.deepcopy(base)),
+                                      "snncc-max": snncc.compile(copy.deepcopy(base), memory="max"),
                                       "snncc-half": snncc.compile(copy.deepcopy(base), memory="half"),
                                       "snncc-min": snncc.compile(copy.deepcopy(base), memory="min")}
     if args.torch_compile:
@@ -112,6 +114,11 @@ def main(argv: List[str] = None) -> Dict[str, Dict[str, float]]:
     for k, d in med.items():
         print(f"{k:<15}{d['train']:>10.1f}{d['infer']:>10.1f}{med['eager']['train'] / d['train']:>9.2f}"
               f"{med['eager']['infer'] / d['infer']:>9.2f}{d['saved_mb']:>10.1f}{d['saved_mb'] / med['eager']['saved_mb']:>13.3f}")
+    for plan in variants["snncc"].memory_plans.values():
+        print("snncc default " + plan.summary())
+        for layer, d in plan.by_layer().items():
+            print(f"  {layer}: keep {d['keep']}, {d['kept_bytes'] / 2 ** 20:.1f} MiB, recompute "
+                  f"{d['recompute_us'] / 1e3:.2f} ms ({d['why']})")
     if "torch.compile" in med:
         tc = med["torch.compile"]
         print(f"snncc vs torch.compile: train {tc['train'] / med['snncc']['train']:.2f}x, "

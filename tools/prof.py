@@ -38,7 +38,8 @@ import snncc
 from snncc.explain import task_fates
 
 from ._loader import ModelSpecError, Workload, add_workload_args, annotate_fates, flatten_tensors, workload_from_args
-from ._taskprof import TaskProfiler, TaskRow, _loss, median_run, param_storages, profile_compiled, task_rows
+from ._taskprof import (TaskProfiler, TaskRow, _loss, median_run, memory_plan_lines, memory_plan_of, param_storages,
+                        profile_compiled, task_rows)
 
 __all__ = ["main", "VARIANTS", "Variant", "build_variants", "compare", "chrome_trace", "layer_rows",
            "report_json"]
@@ -563,6 +564,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         rows = task_rows(prof, compiled)
         annotate_fates(rows, task_fates(cm, x))      # opaque: the reason; neurons: built-in or generated
+        plan = memory_plan_of(cm)
+        if plan is not None:
+            meta["memory_plan"] = plan.as_dict()
         tot = totals(prof, rows, w.device)
         meta["tasks"] = len(rows)
         meta["waves"] = len(compiled.schedule.waves)
@@ -572,6 +576,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = variant_summary(variants)
     layers = layer_rows(rows)
     print_report(console, meta, rows, layers, tot, summary, args.by)
+    if "memory_plan" in meta:
+        console.print("memory plan (what each neuron layer keeps for backward; passes/plan_memory.py):",
+                      highlight=False)
+        for line in memory_plan_lines(memory_plan_of(cm)):
+            console.print(line, highlight=False, soft_wrap=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report_json(meta, summary, rows, layers, tot or {}), f, indent=1)

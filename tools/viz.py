@@ -51,7 +51,8 @@ import snncc
 from snncc.explain import task_fates
 
 from ._loader import ModelSpecError, add_workload_args, annotate_fates, shorten, workload_from_args
-from ._taskprof import TaskRow, median_run, module_class, planned_lanes, profile_compiled, task_describe, task_rows
+from ._taskprof import (TaskRow, median_run, memory_notes, memory_plan_of, module_class, planned_lanes,
+                        profile_compiled, task_describe, task_rows)
 
 __all__ = ["main", "find_dot", "DotMissing", "render_dot", "layer_colors", "task_dag_dot", "fx_graph_dot",
            "snapshot_dot", "layer_fates", "task_descriptions", "timeline_svg", "estimate_ms", "Bar", "build_page",
@@ -726,8 +727,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "one stream" + ("; the measured rows show one real run as it happened, the median of the "
                                                   "profiled runs (gaps: executor and profiler work between "
                                                   "tasks)" if measured else "")}
+        plan = memory_plan_of(cm)
+        layers = layer_fates(tg, root, fates)
+        if plan is not None:      # what each neuron layer keeps for backward (passes/plan_memory.py)
+            facts.append(("memory plan", f"{plan.mode}: {sum(p.keep == 'input' for p in plan.layers)}/"
+                                         f"{len(plan.layers)} scans recompute, {plan.kept_bytes / 2 ** 20:.1f} MiB kept"))
+            notes_m = memory_notes(plan)
+            layers = [(layer, cls, f"{fate}; {notes_m[layer]}" if layer in notes_m else fate)
+                      for layer, cls, fate in layers]
         page = build_page(meta, facts, compiled.snapshots, dag, timeline, pass_dots, rows, colors, dot_ok,
-                          layers=layer_fates(tg, root, fates))
+                          layers=layers)
         with open(out, "w", encoding="utf-8") as f:
             f.write(page)
         _say(f"wrote {out}" + ("" if dot_ok else f" (graphs as DOT text: {DOT_HELP})"))

@@ -1,0 +1,180 @@
+"""plan_memory: what each neuron layer keeps for backward, from a cost model (``memory="default"``).
+
+Requires: the neuron scans of one specialization as :class:`ScanCost` (bytes per step, steps, dtype size,
+whether the input is the same at every step, whether the scan can recompute), the measured training step
+(``step_us``) and the device's ``Calibration`` (``runtime/calibrate.py``). Guarantees: a
+:class:`MemoryPlan` with, per layer, ``keep`` ("h": H per step and the spikes as bits, as
+``memory="max"`` keeps; "input": only the scan's input and initial V, backward reruns the forward scan, as
+``memory="min"`` does), the bytes it keeps and the predicted recompute time. Both are exact: the rerun is
+the same kernel on the same values, so gradients are bit-identical whichever a layer gets.
+
+Why: keeping H costs ``K * M`` floats per layer (plus ``K * M`` bits of spikes), while the scan's input
+is often much smaller (a hoisted first layer feeds the same input at every step: ``M`` floats) or the
+same size, and the scan itself is a bandwidth-bound pass over memory that costs a few percent of a
+training step dominated by convolutions. So recompute where it is cheap. The cost of recomputing a layer
+a rerun of its forward scan in backward; what it writes (H and the spike bits, read at once by the
+backward kernel) is what the forward no longer writes, so the extra time is reading the input again plus
+the scan's sequential part, ``op_time(input bytes) + K * step_us`` (on this 2-core CPU: min and max
+train equally fast on seed 001's CSNN, where a full rerun, writes included, predicted 10% of the step,
+which the measurements do not show). The step time is
+measured (the executor times a training forward; backward is taken as twice the forward, so a step is
+about 3x the forward): a bytes-only prediction would leave out the convolutions, which are compute-bound,
+and make every recomputation look expensive. Layers are taken in order of bytes saved per microsecond of
+recompute while the total stays within ``budget`` (5%) of the step, so the whole plan, not each layer
+alone, costs at most that much by the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, Iterable, Optional, Tuple
+
+if TYPE_CHECKING:
+    from snncc.runtime.calibrate import Calibration
+
+__all__ = ["ScanCost", "LayerPlan", "MemoryPlan", "plan_memory", "BUDGET", "STEP_PER_FORWARD"]
+
+#: the default plan's recomputation may cost at most this fraction of a training step (by the model)
+BUDGET = 0.05
+#: a training step as a multiple of its forward (backward about twice the forward)
+STEP_PER_FORWARD = 3.0
+
+
+@dataclass(frozen=True)
+class ScanCost:
+    """One neuron scan task: ``M`` neurons per step over ``K`` steps of ``itemsize``-byte floats.
+    ``broadcast``: the same input at every step (kept once); ``has_v0``: starts from a carried state
+    (a later chunk; its V is kept too); ``h_itemsize``: the bytes H is kept in per value (2 for
+    ``memory="half"``); ``can_recompute``: the kernel that runs it can rerun its forward in backward
+    (built-in C kernels; ``why`` says what it does instead otherwise); ``keeps_input``: it keeps its input
+    whatever the plan (ParametricLIF's weight gradient)."""
+
+    name: str
+    layer: str
+    M: int
+    K: int
+    itemsize: int
+    broadcast: bool = False
+    has_v0: bool = False
+    h_itemsize: Optional[int] = None
+    can_recompute: bool = True
+    keeps_input: bool = False
+    why: str = ""
+
+    @property
+    def input_bytes(self) -> int:
+        return self.M * self.itemsize * (1 if self.broadcast else self.K) + (self.M * self.itemsize if self.has_v0 else 0)
+
+    @property
+    def h_bytes(self) -> int:
+        return self.K * self.M * (self.h_itemsize or self.itemsize) + (self.K * self.M + 7) // 8
+
+    def kept_bytes(self, keep: str) -> int:
+        """Bytes kept for backward with ``keep`` "h" (H + spike bits) or "input" (input + initial V)."""
+        if keep == "input":
+            return self.input_bytes
+        return self.h_bytes + (self.input_bytes if self.keeps_input else 0)
+
+    def recompute_us(self, cal: "Calibration") -> float:
+        """Predicted extra time of rerunning the forward scan in backward: reading its input again and the
+        scan's sequential part. (The rerun writes H and the spike bits, which the forward then no longer
+        writes: that part moves from forward to backward and costs nothing extra.)"""
+        return cal.op_time(self.M * self.itemsize * (1 if self.broadcast else self.K)) + self.K * cal.step_us
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One scan's decision: ``keep`` "h" or "input", the bytes kept, the predicted recompute time (us,
+    spent in backward when ``keep == "input"``) and why."""
+
+    name: str
+    layer: str
+    keep: str
+    kept_bytes: int
+    recompute_us: float
+    why: str
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"task": self.name, "layer": self.layer, "keep": self.keep, "kept_bytes": self.kept_bytes,
+                "recompute_us": round(self.recompute_us, 1), "why": self.why}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The plan of one specialization: ``mode`` (the ``memory=`` option), ``step_us`` (the training step it
+    was planned against; None before one was measured), ``layers`` in schedule order."""
+
+    mode: str
+    step_us: Optional[float]
+    layers: Tuple[LayerPlan, ...]
+
+    def recompute(self, name: str) -> bool:
+        return any(p.name == name and p.keep == "input" for p in self.layers)
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(p.kept_bytes for p in self.layers)
+
+    @property
+    def recompute_us(self) -> float:
+        return sum(p.recompute_us for p in self.layers if p.keep == "input")
+
+    def by_layer(self) -> Dict[str, Dict[str, object]]:
+        """Per layer (module name): keep (one value, or "mixed" over its chunks), bytes kept, recompute us."""
+        out: Dict[str, Dict[str, object]] = {}
+        for p in self.layers:
+            d = out.setdefault(p.layer, {"keep": p.keep, "kept_bytes": 0, "recompute_us": 0.0, "why": p.why})
+            if d["keep"] != p.keep:
+                d["keep"] = "mixed"
+            d["kept_bytes"] += p.kept_bytes
+            d["recompute_us"] += p.recompute_us if p.keep == "input" else 0.0
+        return out
+
+    def summary(self) -> str:
+        n = sum(1 for p in self.layers if p.keep == "input")
+        step = "" if self.step_us is None else f", {100 * self.recompute_us / self.step_us:.1f}% of a {self.step_us / 1e3:.1f} ms step"
+        return (f"memory={self.mode!r}: {n}/{len(self.layers)} neuron scans recompute in backward "
+                f"(predicted {self.recompute_us / 1e3:.2f} ms{step}), {self.kept_bytes / 2 ** 20:.1f} MiB kept by neuron scans")
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"mode": self.mode, "step_us": self.step_us, "kept_bytes": self.kept_bytes,
+                "recompute_us": round(self.recompute_us, 1), "layers": [p.as_dict() for p in self.layers]}
+
+
+def plan_memory(scans: Iterable[ScanCost], mode: str, cal: Optional["Calibration"] = None,
+                step_us: Optional[float] = None, budget: float = BUDGET) -> MemoryPlan:
+    """The per-scan plan for ``memory=mode``: "max"/"half" keep H everywhere, "min" recomputes every scan
+    that can, "default" recomputes the scans that save the most bytes per microsecond of recompute while
+    their total predicted cost stays within ``budget`` of ``step_us`` (keeps H everywhere while
+    ``step_us`` or ``cal`` is unknown, i.e. before a training step was measured)."""
+    scans = tuple(scans)
+    cost = {s.name: (s.recompute_us(cal) if cal is not None else 0.0) for s in scans}
+    chosen: Dict[str, str] = {}
+    if mode == "min":
+        chosen = {s.name: "memory='min'" for s in scans if s.can_recompute}
+    elif mode == "default" and cal is not None and step_us is not None and step_us > 0:
+        allowed = budget * step_us
+        gain = {s.name: s.kept_bytes("h") - s.kept_bytes("input") for s in scans}
+        order = sorted((s for s in scans if s.can_recompute and gain[s.name] > 0),
+                       key=lambda s: -gain[s.name] / max(cost[s.name], 1e-3))
+        spent = 0.0
+        for s in order:
+            if spent + cost[s.name] <= allowed:
+                spent += cost[s.name]
+                chosen[s.name] = f"saves {gain[s.name] / 2 ** 20:.1f} MiB for {cost[s.name]:.0f} us"
+    layers = []
+    for s in scans:
+        if s.name in chosen:
+            layers.append(LayerPlan(s.name, s.layer, "input", s.kept_bytes("input"), cost[s.name], chosen[s.name]))
+            continue
+        if not s.can_recompute:
+            why = s.why or "cannot recompute"
+        elif mode in ("max", "half"):
+            why = f"memory={mode!r}"
+        elif step_us is None or cal is None:
+            why = "no training step measured yet"
+        elif s.kept_bytes("h") <= s.kept_bytes("input"):
+            why = "recomputing saves nothing"
+        else:
+            why = f"over the {100 * budget:.0f}% budget ({cost[s.name]:.0f} us)"
+        layers.append(LayerPlan(s.name, s.layer, "h", s.kept_bytes("h"), cost[s.name], why))
+    return MemoryPlan(mode, step_us, tuple(layers))
