@@ -368,3 +368,13 @@ def test_blocks_with_reset_are_traced_into_and_untraceable_ones_stay_opaque() ->
     assert torch.equal(y, _eager(m, x))
     kinds = {(t.target, t.kind) for t in c.specialize(x).task_graph.tasks() if t.kind in ("neuron", "opaque")}
     assert kinds == {("1", "opaque"), ("2.lif", "neuron")}
+
+
+def test_user_recurrence_in_the_static_form() -> None:
+    """compile(model, T=7): the input projection is hoisted (the same at every step), the cell still forms."""
+    m = _model(torch.float64)
+    c = snncc.compile(copy.deepcopy(m), T=7)
+    x = _spikes(1, 3, 12, torch.float64)[0]
+    ye, yc = _eager(m, x.expand(7, 3, 12)), c(x)
+    assert torch.equal(ye, yc) and ye[..., :10].mean() > 0.02
+    assert any(t.fusion("recurrent") for t in c.specialize(x).task_graph.tasks())
