@@ -31,6 +31,7 @@ from torch import nn
 
 import snncc
 from snncc import surrogate as sg
+from snncc.config import MEMORY_MODES
 
 from conftest import HAS_SNNTORCH, HAS_SPIKINGJELLY, SpikeRecorder, assert_close_tensors, eager_run, tolerances
 
@@ -305,7 +306,7 @@ if st is not None:
         form = draw(st.sampled_from(["static", "sequence"]))
         return {"form": form, "T": draw(st.integers(1, 4)) if form == "static" else None,
                 "chunk": draw(st.sampled_from([None, None, 1, 2])),
-                "memory": draw(st.sampled_from(["default", "min"])),
+                "memory": draw(st.sampled_from([m for m in MEMORY_MODES if m != "half"])),   # half: inexact
                 "fuse": draw(st.booleans()), "bitpack": draw(st.booleans()),
                 "optimizer": draw(st.sampled_from(["sgd", "adam"])),
                 "dtype": draw(st.sampled_from(["float64", "float64", "float32"])),
