@@ -108,14 +108,16 @@ def test_cifar10_pickles_and_snncc_neuron_fallback(tmp_path, capsys):
 
 
 def test_tet_vggsnn_quick(tmp_path):
-    res = tet.main(["--quick", "--model", "vggsnn", "--out", str(tmp_path)])
+    # NOTE: fewer recordings than --quick's own: the test checks eager == compiled, not accuracy (CI time)
+    res = tet.main(["--quick", "--model", "vggsnn", "--out", str(tmp_path), "--train-size", "96", "--test-size", "48"])
     assert res["form"] == "T=2" and res["data"] == "digits"
     check_eager_and_compiled(res["results"], epochs=2)
     check_plot(res["plot"])
 
 
 def test_tet_resnet19_on_event_frames_quick(tmp_path):
-    res = tet.main(["--quick", "--model", "resnet19", "--data", "gestures", "--out", str(tmp_path)])
+    res = tet.main(["--quick", "--model", "resnet19", "--data", "gestures", "--out", str(tmp_path),
+                    "--train-size", "64", "--test-size", "32"])
     assert res["form"] == "sequence" and res["data"] == "synthetic gestures"
     check_eager_and_compiled(res["results"], epochs=2)
     check_plot(res["plot"])
