@@ -7,7 +7,7 @@ compiler?). Sources come from elsewhere (``runtime/cpu_source.py``, ``runtime/ir
 type the entry points of what they load.
 
 A source is compiled once with the system C compiler (``$CC``, default gcc) and cached on disk
-(``$SNNCC_CACHE``, default ``~/.cache/snncc/kernels``) under a hash of the source and the flags, so a new
+(``$SNNCC_CACHE/kernels``, default ``~/.cache/snncc/kernels``) under a hash of the source and the flags, so a new
 process loads it without recompiling; within a process the loaded library is memoized by the same key.
 
 Exactness: ``-O3 -march=native -fno-trapping-math -ffp-contract=off`` and no ``-ffast-math``: the compiler
@@ -28,7 +28,9 @@ from typing import Any, Dict, Tuple
 
 __all__ = ["CACHE_DIR", "compiler_available"]
 
-CACHE_DIR = os.environ.get("SNNCC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "snncc", "kernels"))
+#: NOTE: ``SNNCC_CACHE`` is snncc's cache root everywhere (calibration.json sits there too); kernels go below it
+CACHE_DIR = os.path.join(os.environ.get("SNNCC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "snncc"),
+                         "kernels")
 # -fno-math-errno lets gcc call glibc's vector exp (libmvec) in the backward loop; it changes no result.
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "-fopenmp",
           "-shared", "-fPIC"]

@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 def _test_caches() -> str:
     """Point every on-disk cache snncc and the tests write at one temporary directory, before snncc is imported.
 
-    runtime/cbuild.py reads ``SNNCC_CACHE`` once, at import, as the C kernels' directory; runtime/calibrate.py
-    reads it at each call as the directory of ``calibration.json``; tests/cuda_emu reads ``SNNCC_EMU_CACHE``
+    ``SNNCC_CACHE`` is snncc's cache root: runtime/cbuild.py reads it once, at import (the C kernels go to
+    its ``kernels/``); runtime/calibrate.py reads it at each call (``calibration.json``); tests/cuda_emu reads ``SNNCC_EMU_CACHE``
     at import for the emulator's builds. The first process of a run (pytest, or pytest-xdist's controller)
     makes the directory and removes it at exit; ``SNNCC_TESTS_TMP`` hands it to everything started from it
     (xdist workers, the SpikingJelly 0.0.0.0.14 subprocess, the tools' and examples' subprocesses, DDP
@@ -37,7 +37,7 @@ def _test_caches() -> str:
         root = tempfile.mkdtemp(prefix="snncc-tests-")
         atexit.register(shutil.rmtree, root, True)
     os.environ["SNNCC_TESTS_TMP"] = root
-    os.environ["SNNCC_CACHE"] = os.path.join(root, "kernels")
+    os.environ["SNNCC_CACHE"] = root
     os.environ["SNNCC_EMU_CACHE"] = os.path.join(root, "emu")
     os.environ.pop("SNNCC_CALIBRATION", None)      # a user's pinned calibration would change what tests see
     # the other tools' caches the tests would fill: hypothesis's .hypothesis/ (in the working directory),
