@@ -21,7 +21,8 @@ measured (the executor times a training forward; backward is taken as twice the 
 about 3x the forward): a bytes-only prediction would leave out the convolutions, which are compute-bound,
 and make every recomputation look expensive. Layers are taken in order of bytes saved per microsecond of
 recompute while the total stays within ``budget`` (5%) of the step, so the whole plan, not each layer
-alone, costs at most that much by the model.
+alone, costs at most that much by the model; a layer that would save under ``MIN_GAIN`` (1/8) of what it
+keeps is left alone (its input is as big as H: only the spike bits would go, for a rerun).
 """
 from __future__ import annotations
 
@@ -31,12 +32,15 @@ from typing import TYPE_CHECKING, Dict, Iterable, Optional, Tuple
 if TYPE_CHECKING:
     from snncc.runtime.calibrate import Calibration
 
-__all__ = ["ScanCost", "LayerPlan", "MemoryPlan", "plan_memory", "BUDGET", "STEP_PER_FORWARD"]
+__all__ = ["ScanCost", "LayerPlan", "MemoryPlan", "plan_memory", "BUDGET", "STEP_PER_FORWARD", "MIN_GAIN"]
 
 #: the default plan's recomputation may cost at most this fraction of a training step (by the model)
 BUDGET = 0.05
 #: a training step as a multiple of its forward (backward about twice the forward)
 STEP_PER_FORWARD = 3.0
+#: a layer is recomputed only when that saves at least this fraction of what it keeps with H (a layer
+#: whose input is as big as H saves only the spike bits: 1/33 of it in float32, not worth a rerun)
+MIN_GAIN = 0.125
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,9 @@ class MemoryPlan:
 def plan_memory(scans: Iterable[ScanCost], mode: str, cal: Optional["Calibration"] = None,
                 step_us: Optional[float] = None, budget: float = BUDGET) -> MemoryPlan:
     """The per-scan plan for ``memory=mode``: "max"/"half" keep H everywhere, "min" recomputes every scan
-    that can, "default" recomputes the scans that save the most bytes per microsecond of recompute while
-    their total predicted cost stays within ``budget`` of ``step_us`` (keeps H everywhere while
+    that can, "default" recomputes the scans that save the most bytes per microsecond of recompute (and at
+    least ``MIN_GAIN`` of what they keep) while their total predicted cost stays within ``budget`` of
+    ``step_us`` (keeps H everywhere while
     ``step_us`` or ``cal`` is unknown, i.e. before a training step was measured)."""
     scans = tuple(scans)
     cost = {s.name: (s.recompute_us(cal) if cal is not None else 0.0) for s in scans}
@@ -154,7 +159,8 @@ def plan_memory(scans: Iterable[ScanCost], mode: str, cal: Optional["Calibration
     elif mode == "default" and cal is not None and step_us is not None and step_us > 0:
         allowed = budget * step_us
         gain = {s.name: s.kept_bytes("h") - s.kept_bytes("input") for s in scans}
-        order = sorted((s for s in scans if s.can_recompute and gain[s.name] > 0),
+        order = sorted((s for s in scans if s.can_recompute and gain[s.name] > 0 and
+                        gain[s.name] >= MIN_GAIN * s.kept_bytes("h")),
                        key=lambda s: -gain[s.name] / max(cost[s.name], 1e-3))
         spent = 0.0
         for s in order:
@@ -174,6 +180,8 @@ def plan_memory(scans: Iterable[ScanCost], mode: str, cal: Optional["Calibration
             why = "no training step measured yet"
         elif s.kept_bytes("h") <= s.kept_bytes("input"):
             why = "recomputing saves nothing"
+        elif s.kept_bytes("h") - s.kept_bytes("input") < MIN_GAIN * s.kept_bytes("h"):
+            why = f"recomputing saves under {100 * MIN_GAIN:.1f}% of what it keeps"
         else:
             why = f"over the {100 * budget:.0f}% budget ({cost[s.name]:.0f} us)"
         layers.append(LayerPlan(s.name, s.layer, "h", s.kept_bytes("h"), cost[s.name], why))

@@ -60,6 +60,8 @@ def main(argv: List[str] = None) -> Dict[str, Dict[str, float]]:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the eager loop")
     ap.add_argument("--json", help="write the medians here")
+    ap.add_argument("--variants", help="comma-separated subset (the first is the ratios' reference; default: all, "
+                                       "eager first)")
     ap.add_argument("--rate", type=float, default=0.10,
                     help="scale each layer's weights so every neuron layer fires about this often (0: as initialized)")
     ap.add_argument("--surrogate", default="sigmoid", choices=["sigmoid", "superspike", "sigmoid_derivative", "esser"],
@@ -82,6 +84,9 @@ def main(argv: List[str] = None) -> Dict[str, Dict[str, float]]:
                                       "snncc-min": snncc.compile(copy.deepcopy(base), memory="min")}
     if args.torch_compile:
         variants["torch.compile"] = torch.compile(copy.deepcopy(base))
+    if args.variants:
+        keep = [v.strip() for v in args.variants.split(",") if v.strip()]
+        variants = {k: variants[k] for k in keep}
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in variants.items()}
     times: Dict[str, Dict[str, List[float]]] = {k: {"train": [], "infer": []} for k in variants}
     for k, m in variants.items():            # warm-up: specialization, compilation, allocator
@@ -110,16 +115,19 @@ def main(argv: List[str] = None) -> Dict[str, Dict[str, float]]:
           f" | {platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | {datetime.date.today()}")
     if rates:
         print("firing rates (eager, per neuron layer): " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
-    print(f"{'variant':<15}{'train ms':>10}{'infer ms':>10}{'train x':>9}{'infer x':>9}{'saved MB':>10}{'saved /eager':>13}")
+    print(f"{'variant':<15}{'train ms':>10}{'infer ms':>10}{'train x':>9}{'infer x':>9}{'saved MB':>10}{'saved /' + next(iter(med))[:6]:>13}")
+    ref = med[next(iter(med))]
     for k, d in med.items():
-        print(f"{k:<15}{d['train']:>10.1f}{d['infer']:>10.1f}{med['eager']['train'] / d['train']:>9.2f}"
-              f"{med['eager']['infer'] / d['infer']:>9.2f}{d['saved_mb']:>10.1f}{d['saved_mb'] / med['eager']['saved_mb']:>13.3f}")
-    for plan in variants["snncc"].memory_plans.values():
+        print(f"{k:<15}{d['train']:>10.1f}{d['infer']:>10.1f}{ref['train'] / d['train']:>9.2f}"
+              f"{ref['infer'] / d['infer']:>9.2f}{d['saved_mb']:>10.1f}{d['saved_mb'] / ref['saved_mb']:>13.3f}")
+    for plan in (variants["snncc"].memory_plans.values() if "snncc" in variants else ()):
+        if not plan.layers:                  # the eval specialization keeps nothing
+            continue
         print("snncc default " + plan.summary())
         for layer, d in plan.by_layer().items():
             print(f"  {layer}: keep {d['keep']}, {d['kept_bytes'] / 2 ** 20:.1f} MiB, recompute "
                   f"{d['recompute_us'] / 1e3:.2f} ms ({d['why']})")
-    if "torch.compile" in med:
+    if "torch.compile" in med and "snncc" in med:
         tc = med["torch.compile"]
         print(f"snncc vs torch.compile: train {tc['train'] / med['snncc']['train']:.2f}x, "
               f"infer {tc['infer'] / med['snncc']['infer']:.2f}x")

@@ -1,0 +1,38 @@
+"""tools/bench_memory.py: one tiny run in-process yields, per variant and batch size, a peak and the saved
+bytes, and the largest batch within the budget. Numbers are only checked for consistency (tests do not
+measure speed; the peak is deterministic, but its size is the benchmark's business)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None,
+                                reason="the seed CSNN needs spikingjelly")
+
+
+def test_batch_sizes():
+    from snncc.tools import bench_memory
+    assert bench_memory.batch_sizes(16, 100) == [16, 24, 32, 48, 64, 96]
+
+
+def test_tiny_run(tmp_path, monkeypatch, capsys):
+    from snncc.tools import bench_memory
+    monkeypatch.setenv("SNNCC_POOL_MB", "2048")         # main turns the pool off; restored after the test
+    out = tmp_path / "m.json"
+    res = bench_memory.main(["--T", "2", "--min-batch", "2", "--max-batch", "3", "--rate", "0",
+                             "--budget-mib", "10000", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "largest" in text and "buffer pool off" in text
+    assert set(res["results"]) == {"eager", "snncc max", "snncc default", "snncc min"}
+    for name, per_batch in res["results"].items():
+        assert list(per_batch) == [2, 3]
+        for r in per_batch.values():
+            assert r["peak_mib"] > 0 and r["saved_mib"] > 0
+        assert res["largest_batch"][name] == 3
+    r = {n: res["results"][n][3] for n in res["results"]}
+    assert r["snncc min"]["saved_mib"] <= r["snncc default"]["saved_mib"] <= r["snncc max"]["saved_mib"]
+    assert r["snncc max"]["saved_mib"] < r["eager"]["saved_mib"]
+    assert all(v == "input" for v in r["snncc min"]["plan"].values())
+    assert json.loads(out.read_text())["largest_batch"] == res["largest_batch"]
