@@ -455,10 +455,12 @@ class Executor:
         else:
             if bn_f is not None:    # the same semantics without the kernel: the K steps' BatchNorm, then the scan
                 xs = batch_norm_steps(xs, self.modules[bn_f.module])
-            can = xs.device.type == "cpu" and cpu_supports(binding.spec, xs.float() if xs.dtype in (
-                torch.float16, torch.bfloat16) else xs, None if state0 is None else state0[0])
-            self._record_scan(task, xs, broadcast, K, state0, binding.spec, can,
-                              "" if can else "kernel keeps H (not a built-in C kernel on this device)")
+            if task.name not in self._scans and torch.is_grad_enabled():
+                # NOTE: once per task (the float copy of an AMP input is only for the check)
+                can = xs.device.type == "cpu" and cpu_supports(binding.spec, xs.float() if xs.dtype in (
+                    torch.float16, torch.bfloat16) else xs, None if state0 is None else state0[0])
+                self._record_scan(task, xs, broadcast, K, state0, binding.spec, can,
+                                  "" if can else "kernel keeps H (not a built-in C kernel on this device)")
             spikes, state = neuron_scan(binding.spec, xs, K, broadcast, state0, params, pool=k,
                                         h_dtype=self.h_dtype, recompute=self._recompute(task), pool_cf=cf)
         if pool is not None and k is None:        # not 4-d per step: the pool module, step by step
