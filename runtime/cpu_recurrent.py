@@ -35,6 +35,7 @@ from snncc.neuron_ir import NeuronIR, Op
 from . import ir_codegen as cg
 from .codegen import EXP_FLOAT
 from .cbuild import _library, compiler_available
+from .cpu_ir import _ptrs
 
 __all__ = ["rec_source", "rec_c_scan", "c_supports_rec", "with_tap", "TAP"]
 
@@ -47,9 +48,22 @@ _TORCH_CT = {torch.float32: "float32", torch.float64: "float64"}
 TAP = "rec_tap"
 
 
+_TAPPED: Dict[Tuple[int, str], Tuple[NeuronIR, NeuronIR]] = {}
+_CHECKED: Dict[Tuple[int, int], Tuple[NeuronIR, NeuronIR, Optional[str]]] = {}
+
+
 def with_tap(ir: NeuronIR, tap: str = TAP) -> NeuronIR:
     """``ir`` run on ``x + tap`` instead of ``x``: the neuron of a user's ``e + fc_rec(s)`` (one add first,
-    in eager's order, then the neuron's own ops on the sum)."""
+    in eager's order, then the neuron's own ops on the sum).
+
+    NOTE: asked at every cell call: memoized per IR, so the kernel cache sees the same object each time."""
+    hit = _TAPPED.get((id(ir), tap))
+    if hit is None or hit[0] is not ir:
+        hit = _TAPPED[(id(ir), tap)] = (ir, _with_tap(ir, tap))
+    return hit[1]
+
+
+def _with_tap(ir: NeuronIR, tap: str) -> NeuronIR:
     z = "rec_z"
     dt = ir.dtype(ir.x)
 
@@ -62,9 +76,18 @@ def with_tap(ir: NeuronIR, tap: str = TAP) -> NeuronIR:
 
 
 def c_supports_rec(first: NeuronIR, steady: NeuronIR) -> Optional[str]:
-    """None when the C cell can run these steps; else why not (the reference loop runs them)."""
+    """None when the C cell can run these steps; else why not (the reference loop runs them).
+
+    NOTE: asked at every cell call: the walk over the IR is memoized per (first, steady) pair."""
     if not compiler_available():
         return "no C compiler"
+    hit = _CHECKED.get((id(first), id(steady)))
+    if hit is None or hit[0] is not first or hit[1] is not steady:
+        hit = _CHECKED[(id(first), id(steady))] = (first, steady, _rec_unsupported(first, steady))
+    return hit[2]
+
+
+def _rec_unsupported(first: NeuronIR, steady: NeuronIR) -> Optional[str]:
     why = cg.supported_ir(first) or cg.supported_ir(steady)
     if why:
         return why
@@ -288,13 +311,6 @@ def _lib(first: NeuronIR, steady: NeuronIR, full: Tuple[bool, ...], tap: str) ->
                     fn.restype = None
                 _LIBS[key] = lib
     return lib
-
-
-def _ptrs(ts: Sequence[Optional[torch.Tensor]]) -> Any:
-    arr = (ctypes.c_void_p * max(1, len(ts)))()
-    for i, t in enumerate(ts):
-        arr[i] = None if t is None else t.data_ptr()
-    return arr
 
 
 class _RecCell(torch.autograd.Function):

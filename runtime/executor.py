@@ -740,7 +740,10 @@ class Executor:
                     self._run_task(i, run)
                 continue
 
-            def chunk(*tensors: torch.Tensor, _r=r, _spec=spec, _keep=keep) -> Tuple[torch.Tensor, ...]:
+            out_spec: List[Any] = [None]          # how the states leaving the chunk were flattened
+
+            def chunk(*tensors: torch.Tensor, _r=r, _spec=spec, _keep=keep, _out=out_spec
+                      ) -> Tuple[torch.Tensor, ...]:
                 ext_in, states_in = _unflatten(_spec, tensors)
                 sub = _Run({"__inputs__": run.env["__inputs__"]}, {}, states_in)
                 for n, v in ext_in.items():
@@ -756,23 +759,12 @@ class Executor:
                 outs = [sub.env[n] for n in _keep]
                 if not all(isinstance(o, torch.Tensor) for o in outs):
                     raise TaskFailure("a chunk's output is not one tensor (memory='min' checkpointing)")
-                skeys = sorted(sub.states)
-                chunk.state_spec = [(key, len(sub.states[key])) if isinstance(sub.states[key], tuple) else (key, -1)
-                                    for key in skeys]
-                return tuple(outs) + tuple(t for key in skeys for t in
-                                           (sub.states[key] if isinstance(sub.states[key], tuple) else (sub.states[key],)))
+                flat_states, _out[0] = _flatten({}, sub.states)
+                return tuple(outs) + tuple(flat_states)
             res = checkpoint(chunk, *flat, use_reentrant=False, preserve_rng_state=True)
             for n, v in zip(keep, res):
                 run.env[n] = v
-            rest = list(res[len(keep):])
-            states: Dict[str, Any] = {}
-            for key, n in chunk.state_spec:
-                if n < 0:
-                    states[key] = rest.pop(0)
-                else:
-                    states[key] = tuple(rest[:n])
-                    del rest[:n]
-            run.states = states
+            run.states = _unflatten(out_spec[0], res[len(keep):])[1]
             for n in list(run.env):                    # values no later chunk reads
                 if n in region_of and region_of[n] <= k and n != self.tg.output and \
                         not any(kk > k for kk, _ in readers.get(n, ())):

@@ -148,15 +148,8 @@ def _sj_version() -> str:
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for backward after one forward (each storage once)."""
-    seen: Dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(seen.values())
+    from tools._memory import saved_bytes as saved
+    return saved(lambda: model(x))
 
 
 if __name__ == "__main__":

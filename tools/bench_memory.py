@@ -8,7 +8,7 @@ so that every neuron layer fires about ``--rate`` (10%); the rates are printed.
 
 *Peak*: the peak of torch's allocated CPU memory during one training step (forward + cross-entropy +
 backward + Adam, after warm-up steps), above what was allocated before it -- every allocation and free
-from the profiler's memory events, summed in time order (``tools/bench_rsnn.py``'s ``peak_bytes``).
+from the profiler's memory events, summed in time order (``tools/_memory.py``'s ``peak_bytes``).
 snncc's CPU buffer pool (``runtime/buffers.py``, a speed cache of freed buffers) is off by default here
 (``SNNCC_POOL_MB=0``), so every buffer is an allocation the profiler sees; with ``--pool`` it stays on and
 the bytes it holds when the step starts are added (they are allocated before it and reused inside it).
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import snncc  # noqa: E402
 from examples.csnn import BasicCSNN  # noqa: E402
 from snncc.runtime import buffers  # noqa: E402
-from tools.bench_rsnn import peak_bytes  # noqa: E402
+from tools._memory import peak_bytes, saved_bytes  # noqa: E402
 
 #: variant -> snncc.compile options (None: the eager loop)
 VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
@@ -66,20 +66,6 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     opt.step()
 
 
-def _saved(model: nn.Module, x: torch.Tensor) -> int:
-    seen: Dict[int, int] = {}
-    skip = x.untyped_storage().data_ptr()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() != skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(seen.values())
-
-
 def measure(base: nn.Module, name: str, batch: int, T: int, warmup: int = 3) -> Dict[str, float]:
     """Saved and peak bytes (MiB) of one training step of variant ``name`` at ``batch``."""
     torch.manual_seed(1)
@@ -92,7 +78,7 @@ def measure(base: nn.Module, name: str, batch: int, T: int, warmup: int = 3) -> 
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     for _ in range(warmup):          # trace, kernels, Adam's state; the default plan is measured here
         _step(model, opt, x, y)
-    saved = _saved(model, x)
+    saved = saved_bytes(lambda: model(x), exclude={x.untyped_storage().data_ptr()})
     # NOTE: snncc's CPU buffer pool (runtime/buffers.py) holds its buffers between steps, allocated before
     # the profiled step: they count in full, as memory in use for the whole step
     pooled = buffers.pooled_bytes()

@@ -35,6 +35,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import snncc  # noqa: E402
 from tools import _rates  # noqa: E402
+from tools._memory import peak_bytes, saved_bytes  # noqa: E402,F401 (peak_bytes: re-exported)
 
 #: variant -> snncc.compile options (None: the eager loop)
 VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
@@ -122,22 +123,6 @@ def time_variants(state: Dict[str, Any], names: List[str], rounds: int) -> Dict[
 
 
 # --------------------------------------------------------------------------- memory
-def peak_bytes(fn: Callable[[], None]) -> int:
-    """The peak of torch's allocated CPU memory while ``fn`` runs, above what was allocated when it started:
-    every allocation and free torch's allocator made, from the profiler's memory events, summed in time
-    order. (Scratch memory a C kernel takes with ``malloc`` is not seen: snncc's are per thread and small.)"""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, n in events:
-        live += n
-        peak = max(peak, live)
-    return peak
-
-
 def memory_variants(state: Dict[str, Any], names: List[str]) -> Dict[str, Dict[str, float]]:
     """Per variant: bytes kept for backward (the input excluded: the caller holds it anyway) and the peak
     of a training step (after a warm-up step: trace, kernels, Adam's state)."""
@@ -149,18 +134,9 @@ def memory_variants(state: Dict[str, Any], names: List[str]) -> Dict[str, Dict[s
         fwd = _forward_of(n, model)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         _step(fwd, opt, x, y)
-        seen: Dict[Any, int] = {}
-        skip = x.untyped_storage().data_ptr()
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            st = t.untyped_storage()
-            if st.data_ptr() != skip:
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fwd(x)
+        saved = saved_bytes(lambda: fwd(x), exclude={x.untyped_storage().data_ptr()})
         peak = peak_bytes(lambda: _step(fwd, opt, x, y))
-        out[n] = {"saved_mib": sum(seen.values()) / 2 ** 20, "peak_mib": peak / 2 ** 20}
+        out[n] = {"saved_mib": saved / 2 ** 20, "peak_mib": peak / 2 ** 20}
     return out
 
 

@@ -217,25 +217,12 @@ def _max_abs_diff(a: Any, b: Any) -> Optional[float]:
 
 def _saved_bytes(v: Variant, exclude: set) -> Optional[int]:
     """Unique storages saved for backward during one training forward (parameters/buffers excluded)."""
-    seen: set = set()
-    total = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        from ._taskprof import storage_bytes
-        ptr, nbytes = storage_bytes(t)
-        if ptr not in seen and ptr not in exclude:
-            seen.add(ptr)
-            total[0] += nbytes
-        return t
-
+    from ._memory import saved_bytes
     v.module.train()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = v.fn(v.x)
-        del out
+        return saved_bytes(lambda: v.fn(v.x), exclude)
     except Exception:                                   # noqa: BLE001 -- e.g. a backend refusing the hooks
         return None
-    return total[0]
 
 
 def _peak_bytes(v: Variant) -> Optional[int]:
