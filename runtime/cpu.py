@@ -32,6 +32,7 @@ import torch
 
 from snncc.neurons import NeuronSpec
 from . import buffers, cbuild, codegen
+from .batchnorm import step_backward, step_statistics, update_running_stats  # noqa: F401
 # NOTE: also re-exported for the modules and tests that import them from here (``cpu._library``,
 # ``cpu.kernel_source``, ``cpu.sparse_conv_source``, ``cpu._HTYPE``...).
 from .cbuild import _library, compiler_available  # noqa: F401
@@ -332,23 +333,23 @@ class _CBNScan(torch.autograd.Function):
     """Training BatchNorm + IF/LIF scan (+ max-pool epilogue) over K steps, fused.
 
     Step mode's BatchNorm: step t normalized with its own batch statistics. Forward computes the K steps'
-    statistics in one pass, then the scan kernel applies each step's ``x * alpha + beta`` to its input as it
-    reads it, so the normalized tensor never exists. Kept for backward: the input (BatchNorm's backward
-    needs it, as in eager), the per-step mean and inverse std, H and the spike bits. Backward: the scan
-    kernel gives the gradient of the normalized input, then BatchNorm's backward for the K steps at once.
+    statistics (eager's kernel, ``batchnorm.step_statistics``, which also updates ``bn``'s running statistics
+    K times), then the scan kernel applies each step's ``x * alpha + beta`` to its input as it reads it, so
+    the normalized tensor never exists. Kept for backward: the input (BatchNorm's backward needs it, as in
+    eager), the per-step mean and inverse std, H and the spike bits. Backward: the scan kernel gives the
+    gradient of the normalized input, then eager's BatchNorm backward per step (``batchnorm.step_backward``).
     """
 
     @staticmethod
     def forward(ctx: Any, spec: NeuronSpec, K: int, need_grad: bool, pool: Optional[int], pool_cf: bool,
-                eps: float, recompute: bool, x: torch.Tensor, v0: Optional[torch.Tensor],
+                eps: float, recompute: bool, bn: Any, x: torch.Tensor, v0: Optional[torch.Tensor],
                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
         x_step = x[0]
         if not (x_step.is_contiguous() or _channels_last(x_step)):
             x = x.contiguous()
             x_step = x[0]
         v0 = None if v0 is None else _dense_like(v0, x_step)
-        var, mean = torch.var_mean(x, dim=(1, 3, 4), unbiased=False)          # [K, C]
-        invstd = torch.rsqrt(var + eps)
+        mean, _, invstd = step_statistics(x, eps, bn)                   # [K, C]; updates bn's running stats
         alpha = invstd if weight is None else invstd * weight.detach()
         beta = -mean * alpha if bias is None else bias.detach() - mean * alpha
         alpha, beta = alpha.to(x.dtype).contiguous(), beta.to(x.dtype).contiguous()
@@ -359,17 +360,17 @@ class _CBNScan(torch.autograd.Function):
         ctx.spec, ctx.K, ctx.pool, ctx.pool_cf, ctx.x_dtype = spec, K, pool, pool_cf and pool is not None, x.dtype
         ctx.out_meta = (tuple(out.shape), out.stride())
         ctx.has_bias = bias is not None
-        ctx.recompute = recompute
+        ctx.recompute, ctx.eps = recompute, eps
         ctx.set_materialize_grads(False)
         if need_grad:
             if recompute:    # backward reruns the kernel with the same per-step (alpha, beta): the same H
                 ctx.save_for_backward(alpha, beta, x, v0, mean, invstd, weight)
             else:
                 ctx.save_for_backward(hs, bits, x, v0, mean, invstd, weight)
-        return out, v, mean, var
+        return out, v
 
     @staticmethod
-    def backward(ctx: Any, g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor], _gm: Any, _gv: Any):
+    def backward(ctx: Any, g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor]):
         hs, bits, x, v0, mean, invstd, weight = ctx.saved_tensors
         lib = _kernels(ctx.spec, ctx.x_dtype, ctx.pool)
         if ctx.recompute:
@@ -377,20 +378,11 @@ class _CBNScan(torch.autograd.Function):
                                              None, want_out=False, bn=(hs, bits))
         g_y, g_v0, _ = _scan_grads(lib, ctx.spec, ctx.K, ctx.pool, ctx.pool_cf, False, ctx.x_dtype, ctx.out_meta,
                                    hs, bits, g_out, g_v_last, None, v0, None)
-        # BatchNorm's backward for the K steps at once (the formula of runtime/batchnorm.py)
-        shape = (ctx.K, 1, -1, 1, 1)
-        m, istd = mean.view(shape), invstd.view(shape)
-        n = x[0].numel() // x.shape[2]
-        xhat = (x - m) * istd
-        dims = (1, 3, 4)
-        g_sum = g_y.sum(dims, keepdim=True)
-        g_dot = (g_y * xhat).sum(dims, keepdim=True)
-        scale = istd if weight is None else istd * weight.view(1, 1, -1, 1, 1)
-        g_x = (g_y - g_sum / n - xhat * (g_dot / n)) * scale if ctx.needs_input_grad[7] else None
-        g_w = g_dot.sum(0).view(-1) if weight is not None and ctx.needs_input_grad[9] else None
-        g_b = g_sum.sum(0).view(-1) if ctx.has_bias and ctx.needs_input_grad[10] else None
-        return (None, None, None, None, None, None, None, g_x, g_v0 if ctx.needs_input_grad[8] else None, g_w,
-                g_b)
+        g_x, g_w, g_b = step_backward(g_y, x, weight, mean, invstd, ctx.eps,
+                                      (ctx.needs_input_grad[8], ctx.needs_input_grad[10], ctx.has_bias and
+                                       ctx.needs_input_grad[11]))
+        return (None, None, None, None, None, None, None, None, g_x, g_v0 if ctx.needs_input_grad[9] else None,
+                g_w, g_b)
 
 
 def c_bn_scan(spec: NeuronSpec, x: torch.Tensor, K: int, v0: Optional[torch.Tensor], bn: Any,
@@ -400,20 +392,4 @@ def c_bn_scan(spec: NeuronSpec, x: torch.Tensor, K: int, v0: Optional[torch.Tens
     spikes (or their max pool) and the final V; the running statistics are updated K times, in order."""
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (x, v0, bn.weight, bn.bias))
-    out, v, mean, var = _CBNScan.apply(spec, K, need_grad, pool, pool_cf, bn.eps, recompute, x, v0, bn.weight,
-                                       bn.bias)
-    update_running_stats(bn, mean.detach(), var.detach(), x[0].numel() // x.shape[2])
-    return out, v
-
-
-def update_running_stats(bn: Any, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-    """K running-statistics updates in time order, exactly as K training-mode module calls make."""
-    if not (bn.track_running_stats and bn.running_mean is not None):
-        return
-    with torch.no_grad():
-        unbiased = var * (n / max(n - 1, 1))
-        for t in range(mean.shape[0]):
-            bn.num_batches_tracked.add_(1)
-            m = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
-            bn.running_mean.mul_(1 - m).add_(mean[t].to(bn.running_mean.dtype), alpha=m)
-            bn.running_var.mul_(1 - m).add_(unbiased[t].to(bn.running_var.dtype), alpha=m)
+    return _CBNScan.apply(spec, K, need_grad, pool, pool_cf, bn.eps, recompute, bn, x, v0, bn.weight, bn.bias)

@@ -124,9 +124,9 @@ class _Emitter:
             c = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "eq": "==", "ne": "!="}[op]
             return f"({A[0]} {c} {A[1]})"
         if op == "logical_and":
-            return f"(({A[0]} != 0) && ({A[1]} != 0))"
+            return f"(({A[0]} != 0) & ({A[1]} != 0))"
         if op == "logical_or":
-            return f"(({A[0]} != 0) || ({A[1]} != 0))"
+            return f"(({A[0]} != 0) | ({A[1]} != 0))"
         if op == "logical_xor":
             return f"(({A[0]} != 0) != ({A[1]} != 0))"
         if op == "logical_not":
@@ -156,7 +156,7 @@ class _Emitter:
         if op == "reciprocal":
             return f"{literal(1, cd)} / {A[0]}"
         if op == "relu":
-            return f"({A[0]} > 0 || isnan({A[0]}) ? {A[0]} : {literal(0, cd)})"
+            return f"((({A[0]} > 0) | isnan({A[0]})) ? {A[0]} : {literal(0, cd)})"
         if op == "sign":
             return f"(({ctype(cd)})(({A[0]} > 0) - ({A[0]} < 0)))"
         if op == "pow":
@@ -243,9 +243,10 @@ class _Emitter:
                 s += [self.acc(a[0], f"{gy} * {lit(e)} * {f('pow')}({A[0]}, {lit(e - 1)})")]
         elif op == "clamp":
             lo, hi = o.attr("min"), o.attr("max")
-            conds = [f"{A[0]} >= {lit(lo)}"] if lo is not None else []
-            conds += [f"{A[0]} <= {lit(hi)}"] if hi is not None else []
-            cond = " && ".join(conds) or "1"
+            conds = [f"({A[0]} >= {lit(lo)})"] if lo is not None else []
+            conds += [f"({A[0]} <= {lit(hi)})"] if hi is not None else []
+            # NOTE: `&`, not `&&`: a short-circuit is a branch, which kept gcc from vectorizing the loop
+            cond = " & ".join(conds) or "1"
             s += [self.acc(a[0], f"({cond}) ? {gy} : {lit(0)}")]
         elif op == "spike":
             zd = self.dt[a[0]] if isinstance(a[0], str) else cd
