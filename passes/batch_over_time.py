@@ -23,7 +23,7 @@ from snncc.frontend import Traced
 from .hoist_time_invariant import is_random
 from .tag_timesteps import NodeTag
 
-__all__ = ["Group", "batch_over_time", "batchable_module", "GROUP_KINDS"]
+__all__ = ["Group", "batch_over_time", "batchable_module", "GROUP_KINDS", "GUARDED_FUNCTIONS", "GUARDED_METHODS"]
 
 #: what a group runs as: "batched" (one op over K steps), "scan" (a neuron over K steps), "recurrent" (a
 #: neuron fed back its own spikes through a Linear, as one fused loop), "single".
@@ -43,6 +43,14 @@ _LAYER_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, F.max_pool1d, F.max_
                     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                     F.adaptive_avg_pool3d}
 _METHODS = {"relu", "sigmoid", "tanh", "add", "sub", "mul", "div", "clamp", "float", "half", "double"}
+#: shape, matmul and reduction ops that are batch-independent only for some shapes or dims: grouped here,
+#: and run as one call per chunk when ``runtime/batched_ops.py``'s guard holds for the actual tensors (else
+#: step by step, the same values). ``reshape(B, L, H, D // H)`` with ``B, L, D = x.shape`` is one of them.
+GUARDED_FUNCTIONS = {torch.reshape, torch.transpose, torch.swapaxes, torch.permute, torch.matmul, operator.matmul,
+                     torch.bmm, torch.mean, torch.sum, torch.amax, torch.amin, torch.softmax, torch.log_softmax,
+                     F.softmax, F.log_softmax}
+GUARDED_METHODS = {"reshape", "view", "transpose", "swapaxes", "permute", "matmul", "bmm", "mean", "sum", "amax",
+                   "amin", "softmax", "log_softmax", "contiguous"}
 
 
 @dataclass(frozen=True)
@@ -88,24 +96,40 @@ def _batchable_node(node: fx.Node, traced: Traced) -> bool:
             return _start_dim_ok(node, 1, "start_dim")
         if node.target is torch.cat:
             return _start_dim_ok(node, 1, "dim")
-        return node.target in _ELEMENTWISE_FUNCTIONS or node.target in _LAYER_FUNCTIONS
+        return node.target in _ELEMENTWISE_FUNCTIONS or node.target in _LAYER_FUNCTIONS or \
+            node.target in GUARDED_FUNCTIONS
     if node.op == "call_method":
         if node.target == "flatten":
             return _start_dim_ok(node, 1, "start_dim")
-        return node.target in _METHODS
+        return node.target in _METHODS or node.target in GUARDED_METHODS
+    return False
+
+
+def _is_size(node: fx.Node) -> bool:
+    """A number computed from tensor sizes (``x.shape[0]``, ``x.size(1)``, ``D // H``): not a tensor."""
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "getitem" and node.args and \
+            isinstance(node.args[0], fx.Node):
+        src = node.args[0]
+        return (src.op == "call_function" and getattr(src.target, "__name__", "") == "getattr" and
+                len(src.args) == 2 and src.args[1] == "shape") or (src.op == "call_method" and src.target == "size")
+    if node.op == "call_method" and node.target == "size":
+        return len(node.args) > 1 or "dim" in node.kwargs
+    if node.op == "call_function" and node.target in (operator.floordiv, operator.mul, operator.add, operator.sub):
+        return all(_is_size(a) if isinstance(a, fx.Node) else isinstance(a, int) for a in node.args)
     return False
 
 
 def _same_structure(nodes: List[fx.Node]) -> bool:
     """Each argument position is either the same value for every member or a per-member node; an
-    invariant tensor argument must be a parameter (get_attr), which broadcasts over ``[K*N, ...]``."""
+    invariant tensor argument must be a parameter (get_attr), which broadcasts over ``[K*N, ...]``; an
+    invariant size (``B`` of ``B, L, D = x.shape`` on a static input) is passed as it is."""
     def walk(items: List[Any]) -> bool:
         first = items[0]
         if isinstance(first, fx.Node):
             if not all(isinstance(i, fx.Node) for i in items):
                 return False
             if all(i is first for i in items):
-                return first.op == "get_attr"
+                return first.op == "get_attr" or _is_size(first)
             return len(set(items)) == len(items)
         if isinstance(first, (list, tuple)):
             return all(isinstance(i, type(first)) and len(i) == len(first) for i in items) and \

@@ -32,7 +32,7 @@ def _time_index(node: fx.Node, tags: Dict[str, NodeTag]) -> Optional[Tuple[Any, 
     if node.op != "call_function" or getattr(node.target, "__name__", "") != "getitem" or len(node.args) != 2:
         return None
     src, idx = node.args
-    if not isinstance(src, fx.Node) or tags[src.name].t is not None:
+    if not isinstance(src, fx.Node) or tags[src.name].t is not None or _is_shape(src):
         return None
     if isinstance(idx, int):
         return ("i",), idx
@@ -41,6 +41,17 @@ def _time_index(node: fx.Node, tags: Dict[str, NodeTag]) -> Optional[Tuple[Any, 
         pos = next(k for k, i in enumerate(idx) if isinstance(i, int))
         return ("s", len(idx), pos), idx[pos]
     return None
+
+
+def _is_shape(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()``: indexing it reads a size, not a timestep.
+
+    NOTE (regression): ``B, L, D = x.shape`` on the static input was tagged timesteps 0, 1, 2, which put
+    the first three steps' ``reshape(B, L, D)`` and everything after it at t = 2, so those layers were
+    never batched over time."""
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr":
+        return len(node.args) == 2 and node.args[1] == "shape"
+    return node.op == "call_method" and node.target == "size"
 
 
 def _arg_layers(a: Any, layer_of: Dict[str, Any]) -> Any:

@@ -19,12 +19,14 @@ from snncc.config import Options
 from snncc.errors import InputError, SNNCCError, TaskFailure
 from snncc.frontend import Traced, reset_module
 from snncc.ir import Ref, Schedule, SliceConst, Steps, Task, TaskGraph
+from .batched_ops import batched_call
 from .batchnorm import batch_norm_steps
 from .cpu import c_bn_scan, supports as cpu_supports
 from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
 from .dispatch import lifted_neuron_scan, neuron_scan, recurrent_cell_scan
 from snncc.lift import _set_state
+from snncc.passes.batch_over_time import GUARDED_FUNCTIONS, GUARDED_METHODS
 from snncc.passes.plan_memory import STEP_PER_FORWARD, MemoryPlan, ScanCost, plan_memory
 
 
@@ -315,6 +317,9 @@ class Executor:
         if whole is not None:
             return whole
         parts = [self._view(run, r) for r in steps.refs]
+        if not any(isinstance(p, torch.Tensor) for p in parts) and all(type(p) is type(parts[0]) and p == parts[0]
+                                                                      for p in parts):
+            return parts[0]        # the same number at every step (a size from x.shape): passed as is
         if not all(isinstance(p, torch.Tensor) and p.dim() >= 1 and p.shape == parts[0].shape for p in parts):
             raise _Unpackable()
         view = _adjacent_view(parts)
@@ -333,6 +338,23 @@ class Executor:
                 return [self._value(run, x, member) for x in a[1:]]
             return tuple(self._value(run, x, member) for x in a)
         return a
+
+    def _guarded(self, task: Task, run: _Run) -> Any:
+        """A batched shape/matmul/reduction task (``batched_ops``): one call when its guard holds for these
+        tensors, else step by step."""
+        try:
+            args = self._value(run, task.args)
+            kw = {k: self._value(run, v) for k, v in task.kwargs}
+            call = batched_call(task.kind, task.target, args, kw, len(task.nodes),
+                                [isinstance(a, Steps) for a in task.args])
+            if call is not None:
+                fn, a, k = call
+                return fn(*a, **k)
+        except _Unpackable:
+            pass
+        fn = task.target if task.kind == "function" else (lambda obj, *a, **k: getattr(obj, task.target)(*a, **k))
+        return [fn(*self._value(run, task.args, i), **{k: self._value(run, v, i) for k, v in task.kwargs})
+                for i in range(len(task.nodes))]
 
     def _call(self, task: Task, run: _Run, fn: Callable[..., Any], check: Callable[[Any], bool] = None) -> Any:
         """Call ``fn`` on the task's arguments, packed over its steps, or step by step if that fails."""
@@ -414,9 +436,13 @@ class Executor:
                 whole = self._whole(run, refs)
                 if whole is not None:     # stacking all steps of a batched task: a view, no copy
                     return whole.view(len(refs), whole.shape[0] // len(refs), *whole.shape[1:])
+        if task.batched and task.target in GUARDED_FUNCTIONS:
+            return self._guarded(task, run)
         return self._call(task, run, task.target)
 
     def _method(self, task: Task, run: _Run) -> Any:
+        if task.batched and task.target in GUARDED_METHODS:
+            return self._guarded(task, run)
         return self._call(task, run, lambda obj, *a, **k: getattr(obj, task.target)(*a, **k))
 
     def _opaque(self, task: Task, run: _Run) -> Any:

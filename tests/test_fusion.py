@@ -330,8 +330,9 @@ def _same_as_dense(fast, layer: nn.Module, x: torch.Tensor, tol: float) -> None:
 
 @pytest.mark.parametrize("stride,padding,k", [(1, 1, 3), (2, 1, 3), (1, 0, 1), (2, 2, 5), (1, (1, 2), (3, 5))])
 @pytest.mark.parametrize("density", [0.02, 0.2])
-def test_sparse_conv_equals_dense(stride, padding, k, density):
+def test_sparse_conv_equals_dense(stride, padding, k, density, monkeypatch):
     """Spike-driven forward (from the bits) == F.conv2d to float tolerance; backward as the dense conv."""
+    monkeypatch.setenv("SNNCC_SPARSE", "always")   # the spike-driven kernel itself, not the measured choice
     from snncc.runtime import packed
     torch.manual_seed(0)
     x = (torch.rand(3, 16, 9, 11) < density).float().contiguous(memory_format=torch.channels_last)
@@ -341,6 +342,7 @@ def test_sparse_conv_equals_dense(stride, padding, k, density):
 
 
 def test_sparse_conv_is_used_only_when_sparse(monkeypatch):
+    monkeypatch.setenv("SNNCC_SPARSE", "always")   # the spike-driven kernel itself, not the measured choice
     from snncc.runtime import packed
     calls = []
     real = packed._sparse_conv2d
@@ -358,15 +360,17 @@ def test_sparse_conv_is_used_only_when_sparse(monkeypatch):
 
 
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.5])
-def test_sparse_linear_equals_dense(density):
+def test_sparse_linear_equals_dense(density, monkeypatch):
+    monkeypatch.setenv("SNNCC_SPARSE", "always")   # the spike-driven kernel itself, not the measured choice
     torch.manual_seed(0)
     lin = nn.Linear(64, 24)
     x = (torch.rand(5, 3, 64) < density).float()
     _same_as_dense(lambda t: packed_linear(lin, t), lin, x, tol=1e-5)
 
 
-def test_sparse_kernels_see_weight_updates():
+def test_sparse_kernels_see_weight_updates(monkeypatch):
     """The cached weight layout follows in-place updates (optimizer steps): never a stale weight."""
+    monkeypatch.setenv("SNNCC_SPARSE", "always")   # the spike-driven kernel itself, not the measured choice
     torch.manual_seed(0)
     lin = nn.Linear(16, 8)
     conv = nn.Conv2d(8, 8, 3, padding=1)
@@ -422,6 +426,7 @@ class _WideNet(nn.Module):
 def test_large_spike_inputs_take_the_packed_and_sparse_paths(dtype, monkeypatch):
     """Through the executor: conv/linear inputs kept as bits (both dtypes), the spike-driven conv used
     (float32), and still compiled == eager (float64: exactly the same spikes)."""
+    monkeypatch.setenv("SNNCC_SPARSE", "always")   # the spike-driven kernel itself, not the measured choice
     from snncc.runtime import executor, packed
     calls = {"pack": 0, "sparse": 0}
     real_pack, real_sparse = packed.pack_count, packed._sparse_conv2d
@@ -510,10 +515,11 @@ def test_bn_train_fused_matches_eager(dtype, chunk, monkeypatch):
         torch.testing.assert_close(buf, dict(ref.named_buffers())[name], **tol)
 
 
-def test_weight_cache_never_confuses_a_new_weight_with_a_freed_one():
+def test_weight_cache_never_confuses_a_new_weight_with_a_freed_one(monkeypatch):
     """Regression: the cache was keyed by id + address + version, which a new weight allocated where a
     freed one lived (same shape, version) could match; entries now hold a weak reference, are checked
     against it, and go with their weight."""
+    monkeypatch.setenv("SNNCC_SPARSE", "always")   # the spike-driven kernel itself, not the measured choice
     import gc
     from snncc.runtime import packed
     x = (torch.rand(4, 16) < 0.1).float()
@@ -531,3 +537,33 @@ def test_weight_cache_never_confuses_a_new_weight_with_a_freed_one():
             lin.weight.fill_(float(i))
             torch.testing.assert_close(packed_linear(lin, x), lin(x))
         del lin
+
+
+def test_sparse_choice_follows_the_measured_costs(monkeypatch):
+    """The spike-driven/dense choice (``packed._SparseChoice``): the first call warms both paths and returns
+    the dense result, the second times both, then the cheaper one runs; ``SNNCC_SPARSE`` pins it.
+    (A fake clock: each path advances it by its cost.)"""
+    from snncc.runtime import packed
+    now = [0.0]
+    ran = []
+
+    def path(name, cost):
+        def run():
+            ran.append(name)
+            now[0] += cost
+            return name
+        return run
+    choice = packed._SparseChoice(clock=lambda: now[0])
+    dense, sparse = path("dense", 2.0), path("sparse", 0.5)        # sparse: 0.5 for 100 spikes
+    assert choice.run("k", 100, dense, sparse) == "dense" and ran == ["sparse", "dense"]
+    ran.clear()
+    assert choice.run("k", 100, dense, sparse) == "dense" and ran == ["dense", "sparse"]
+    assert choice.cost["k"] == (2.0, 0.005)
+    ran.clear()
+    assert choice.run("k", 100, dense, sparse) == "sparse" and ran == ["sparse"]
+    assert choice.run("k", 399, dense, sparse) == "sparse"          # 1.995 < 2.0
+    assert choice.run("k", 401, dense, sparse) == "dense"           # denser than the break-even point
+    monkeypatch.setenv("SNNCC_SPARSE", "never")
+    assert choice.run("k", 1, dense, sparse) == "dense"
+    monkeypatch.setenv("SNNCC_SPARSE", "always")
+    assert choice.run("k", 10 ** 6, dense, sparse) == "sparse"
