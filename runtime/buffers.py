@@ -22,7 +22,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["empty", "empty_like", "clear", "pooled_bytes"]
+__all__ = ["empty", "empty_like", "empty_strided", "clear", "pooled_bytes"]
 
 _LOCK = threading.Lock()
 # nbytes -> list of flat uint8 base tensors (most recently used last); plus their use-count baseline.
@@ -136,3 +136,22 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
     """A pooled tensor with ``t``'s shape and dtype, channels-last when ``t`` is (4-d), else contiguous."""
     cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
     return empty(t.shape, t.dtype, t.device, channels_last=cl)
+
+
+def empty_strided(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """Like ``torch.empty_strided``, from the pool on CPU when the strides are dense (no gaps, no overlap:
+    any permutation of a contiguous layout); otherwise ``torch.empty_strided`` itself."""
+    shape, stride = tuple(int(s) for s in shape), tuple(int(s) for s in stride)
+    device = torch.device(device)
+    numel = 1
+    for s in shape:
+        numel *= s
+    extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if numel else 0
+    dense = numel > 0 and extent == numel and all(st > 0 for st in stride) and \
+        len({st for n, st in zip(shape, stride) if n > 1}) == sum(1 for n in shape if n > 1)
+    if device.type != "cpu" or _limit() <= 0 or not dense:
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    base = _take(numel * itemsize)
+    return base[:numel * itemsize].view(dtype).as_strided(shape, stride)

@@ -21,7 +21,7 @@ import ctypes
 import torch
 
 from snncc.neuron_ir import NeuronIR
-from . import ir_codegen as cg
+from . import buffers, ir_codegen as cg
 from .codegen import EXP_FLOAT
 from .cbuild import _library, compiler_available
 
@@ -252,7 +252,7 @@ def _dense(t: torch.Tensor, like: torch.Tensor, dtype: Optional[torch.dtype] = N
     dtype = dtype or t.dtype
     if t.shape == like.shape and t.stride() == like.stride() and t.dtype == dtype:
         return t
-    out = torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=like.device)
+    out = buffers.empty_strided(like.shape, like.stride(), dtype=dtype, device=like.device)
     out.copy_(t.expand(like.shape))
     return out
 
@@ -295,15 +295,15 @@ class _IRScan(torch.autograd.Function):
         pars = [(_dense(p, like) if f else p.reshape(1).contiguous()) for p, f in zip(params, full)]
         s0 = [_dense(s, like) for s in st0]
         out_dt = steady.dtype(steady.outputs[0])
-        out = torch.empty_strided((K,) + tuple(like.shape), (M,) + like.stride(),
-                                  dtype=_dt(out_dt), device=x.device)
-        sn = [torch.empty_strided(like.shape, like.stride(), dtype=_dt(steady.dtype(s)), device=x.device)
+        out = buffers.empty_strided((K,) + tuple(like.shape), (M,) + like.stride(),
+                                  _dt(out_dt), x.device)
+        sn = [buffers.empty_strided(like.shape, like.stride(), dtype=_dt(steady.dtype(s)), device=x.device)
               for s in steady.states]
         zs: List[Optional[torch.Tensor]] = []
         for o in steady.spike_ops:
             z = o.args[0]
             if need_grad and steady.surrogates[o.attr("surrogate")].opaque:
-                zs.append(torch.empty_strided((K,) + tuple(like.shape), (M,) + like.stride(),
+                zs.append(buffers.empty_strided((K,) + tuple(like.shape), (M,) + like.stride(),
                                               dtype=_dt(steady.dtype(z)), device=x.device))
             else:
                 zs.append(None)
@@ -332,14 +332,14 @@ class _IRScan(torch.autograd.Function):
         for o, has in zip(steady.spike_ops, ctx.zmask):
             ds.append(_callable_derivative(steady.surrogates[o.attr("surrogate")], next(zs)) if has else None)
         step = (K,) + tuple(like.shape)
-        g_out = _dense(g_out, torch.empty_strided(step, (M,) + like.stride(), device=x.device),
+        g_out = _dense(g_out, torch.empty_strided(step, (M,) + like.stride(), device=x.device),   # a template: never written
                        _dt(steady.dtype(steady.outputs[0])))
         gsn = [_dense(g, like, _dt(steady.dtype(s))) for g, s in zip(g_sn, steady.states)]
-        gx = torch.empty_strided(step if not broadcast else tuple(like.shape),
+        gx = buffers.empty_strided(step if not broadcast else tuple(like.shape),
                                  ((M,) + like.stride()) if not broadcast else like.stride(),
                                  dtype=x.dtype, device=x.device)
         gs0 = [torch.empty_like(s) for s in s0] + [None] * (ns - len(s0))
-        gp = [torch.empty_strided(like.shape, like.stride(), dtype=p.dtype, device=x.device) for p in pars]
+        gp = [buffers.empty_strided(like.shape, like.stride(), dtype=p.dtype, device=x.device) for p in pars]
         lib = _lib(first, steady, full)
         P = _ptrs([x] + s0 + [None] * (ns - len(s0)) + pars + [g_out] + gsn + ds + [gx] + gs0 + gp)
         lib.ir_bwd(M, K, 0 if broadcast else M, int(has_st0), P)

@@ -63,3 +63,15 @@ def test_step_statistics_are_eagers_saved_mean_and_invstd():
     for k in range(4):
         _, sm, si = torch.native_batch_norm(x[k], w, b, None, None, True, 0.1, 1e-5)
         assert torch.equal(mean[k], sm) and torch.equal(invstd[k], si)
+
+
+def test_pooled_empty_strided():
+    """``buffers.empty_strided``: dense layouts come from the pool (the IR scans' outputs: a fresh
+    16 MiB tensor page-faulted in on every call cost ~3 ms), other strides from torch."""
+    from snncc.runtime import buffers
+    t = buffers.empty_strided((3, 2, 4, 5, 6), (240, 120, 1, 24, 4), torch.float32, torch.device("cpu"))
+    assert t.shape == (3, 2, 4, 5, 6) and t.stride() == (240, 120, 1, 24, 4)
+    t.fill_(1.0)
+    assert float(t.sum()) == 3 * 2 * 4 * 5 * 6
+    gap = buffers.empty_strided((2, 3), (8, 2), torch.float32, torch.device("cpu"))
+    assert gap.stride() == (8, 2)

@@ -194,3 +194,32 @@ def test_a_layer_that_saves_only_its_bits_keeps_h():
     plan = plan_memory([s], "default", CAL, 1e12)
     assert plan.layers[0].keep == "h" and "saves under" in plan.layers[0].why
     assert plan_memory([s], "min", CAL, 1e12).layers[0].keep == "input"
+
+
+def test_measured_scan_time_is_the_recompute_cost():
+    """Regression: the bytes-only prediction put SEW-ResNet's scans at 30-40 us to rerun; measured, a
+    rerun costs a whole forward scan (~0.7 ms). A measured forward time replaces the prediction."""
+    cheap = _scan("a_t0", 1 << 16)
+    assert cheap.recompute_us(CAL) < 400
+    timed = _scan("a_t0", 1 << 16, measured_us=700.0)
+    assert timed.recompute_us(CAL) == 700.0
+    step = 10_000.0          # 5% budget: 500 us
+    assert plan_memory([cheap], "default", CAL, step).layers[0].keep == "input"
+    plan = plan_memory([timed], "default", CAL, step)
+    assert plan.layers[0].keep == "h" and "budget" in plan.layers[0].why
+
+
+def test_executor_times_its_scans_for_the_plan():
+    torch.manual_seed(0)
+    cm = snncc.compile(ConvPoolNet(), T=4)
+    x = torch.rand(2, 2, 8, 8) * 3
+    for _ in range(2):
+        cm(x).sum().backward()
+    (_, ex), = cm._snncc_cache.values()
+    assert ex._scan_us and all(v > 0 for v in ex._scan_us.values())
+    assert set(ex._scan_us) <= {t.name for t in ex.tasks if t.kind == "neuron"}
+    plan = ex.memory_plan
+    timed = {p.name: p.recompute_us for p in plan.layers}
+    for name, us in ex._scan_us.items():
+        if name in timed:
+            assert timed[name] == pytest.approx(us)
