@@ -199,9 +199,9 @@ def test_a_layer_that_saves_only_its_bits_keeps_h():
 def test_measured_scan_time_is_the_recompute_cost():
     """Regression: the bytes-only prediction put SEW-ResNet's scans at 30-40 us to rerun; measured, a
     rerun costs a whole forward scan (~0.7 ms). A measured forward time replaces the prediction."""
-    cheap = _scan("a_t0", 1 << 16)
+    cheap = _scan("a_t0", 1 << 16, broadcast=True)
     assert cheap.recompute_us(CAL) < 400
-    timed = _scan("a_t0", 1 << 16, measured_us=700.0)
+    timed = _scan("a_t0", 1 << 16, broadcast=True, measured_us=700.0)
     assert timed.recompute_us(CAL) == 700.0
     step = 10_000.0          # 5% budget: 500 us
     assert plan_memory([cheap], "default", CAL, step).layers[0].keep == "input"
