@@ -40,6 +40,45 @@ _CTYPE = {torch.float32: "float", torch.float64: "double"}
 _HTYPE = {torch.float32: "float", torch.float64: "double", torch.float16: "_Float16"}
 
 
+
+def _unpack_table() -> str:
+    """``SNN_UNPACK_LUT[b]``: the 8 bits of byte b as 8 bytes of 0/1 (little-endian: bit k -> byte k)."""
+    vals = [sum(((b >> k) & 1) << (8 * k) for k in range(8)) for b in range(256)]
+    return "static const uint64_t SNN_UNPACK_LUT[256] = {" + ", ".join(f"0x{v:016x}ULL" for v in vals) + "};"
+
+
+#: Spike bytes (0/1) <-> bits, 8 at a time. NOTE: the per-bit loops these replace were scalar (gcc cannot
+#: vectorize a bit gather) and cost about as much as the neuron scan itself: one multiply packs 8 bytes
+#: (each 0/1, so the partial products never carry), one table load unpacks 8.
+BIT_HELPERS = r"""#include <string.h>
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define SNN_LITTLE_ENDIAN 1
+#endif
+""" + _unpack_table() + r"""
+static inline void snn_pack_bytes(const uint8_t* s, int64_t n, uint8_t* out) {
+  int64_t j = 0;
+#ifdef SNN_LITTLE_ENDIAN
+  for (; j < n / 8; ++j) {
+    uint64_t w; memcpy(&w, s + 8 * j, 8);
+    out[j] = (uint8_t)((w * 0x0102040810204080ULL) >> 56);
+  }
+#endif
+  for (; j < (n + 7) / 8; ++j) {
+    uint8_t b = 0;
+    for (int k = 0; k < 8; ++k) b |= (uint8_t)((j * 8 + k < n ? s[j * 8 + k] : 0) << k);
+    out[j] = b;
+  }
+}
+static inline void snn_unpack_bytes(const uint8_t* in, int64_t n, uint8_t* s) {
+  int64_t j = 0;
+#ifdef SNN_LITTLE_ENDIAN
+  for (; j < n / 8; ++j) memcpy(s + 8 * j, &SNN_UNPACK_LUT[in[j]], 8);
+#endif
+  for (int64_t i = 8 * j; i < n; ++i) s[i] = (in[i >> 3] >> (i & 7)) & 1;
+}
+"""
+
+
 def kernel_source(spec: NeuronSpec, dtype: torch.dtype, h_dtype: Optional[torch.dtype] = None,
                   pool: Optional[int] = None) -> str:
     """The C source of the scans for ``spec`` in ``dtype`` (H kept in ``h_dtype``, default ``dtype``).
@@ -94,17 +133,9 @@ typedef uint8_t u8;
   const T VINIT = {"VR" if spec.v_reset is not None else "(T)0"}; /* the reset state (v0 == NULL) */ \\
   (void)TAU; (void)KC; (void)DEC; (void)VR; (void)VINIT;
 
-static inline void pack_bits(const u8* s, int64_t n, u8* out) {{
-  for (int64_t j = 0; j < (n + 7) / 8; ++j) {{
-    u8 b = 0;
-    for (int k = 0; k < 8; ++k) b |= (u8)((j * 8 + k < n ? s[j * 8 + k] : 0) << k);
-    out[j] = b;
-  }}
-}}
-
-static inline void unpack_bits(const u8* in, int64_t n, u8* s) {{
-  for (int64_t i = 0; i < n; ++i) s[i] = (in[i >> 3] >> (i & 7)) & 1;
-}}
+{BIT_HELPERS}
+static inline void pack_bits(const u8* s, int64_t n, u8* out) {{ snn_pack_bytes(s, n, out); }}
+static inline void unpack_bits(const u8* in, int64_t n, u8* s) {{ snn_unpack_bytes(in, n, s); }}
 
 // One forward step over n neurons: H, spike byte and the new V; x from xt.
 // With al (training BatchNorm fused in): x = xt * al[c] + be[c], c = cidx[i], the form torch's
@@ -352,9 +383,16 @@ int64_t pack_check(const T* x, int64_t n, uint8_t* out, int nthreads) {{
   }}
   return bad ? -1 : ones;
 }}
+{BIT_HELPERS}
 void unpack(const uint8_t* in, int64_t n, T* out, int nthreads) {{
+  const int64_t nb = n / 8;
   #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t i = 0; i < n; ++i) out[i] = (T)((in[i >> 3] >> (i & 7)) & 1);
+  for (int64_t j = 0; j < nb; ++j) {{
+    uint8_t b[8];
+    snn_unpack_bytes(in + j, 8, b);
+    for (int k = 0; k < 8; ++k) out[8 * j + k] = (T)b[k];
+  }}
+  for (int64_t i = 8 * nb; i < n; ++i) out[i] = (T)((in[i >> 3] >> (i & 7)) & 1);
 }}
 """
 

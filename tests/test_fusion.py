@@ -156,6 +156,18 @@ def test_pack_unpack_roundtrip(channels_last, backend, monkeypatch):
     assert torch.equal(x, y) and y.stride() == x.stride()
 
 
+@pytest.mark.parametrize("n", [8 * 256, 8 * 256 + 5])
+def test_unpack_every_byte_value_c_vs_torch(n, monkeypatch):
+    """The C unpacker (a lookup table, 8 values per byte) against the torch fallback for all 256 byte
+    values, with a tail that is not a whole byte (regression cover for the table and the tail loop)."""
+    bits = torch.tensor([b for b in range(256)] + ([0b10110] if n % 8 else []), dtype=torch.uint8)
+    c = unpack_spikes(bits, (n,), (1,), torch.float32)
+    monkeypatch.setenv("SNNCC_BACKEND", "reference")
+    ref = unpack_spikes(bits, (n,), (1,), torch.float32)
+    assert torch.equal(c, ref)
+    assert torch.equal(c[8:16], torch.tensor([1., 0, 0, 0, 0, 0, 0, 0]))       # byte 1: bit 0 first
+
+
 @pytest.mark.parametrize("backend", ["c", "reference"])
 def test_pack_refuses_non_binary_values(backend, monkeypatch):
     if backend == "reference":
