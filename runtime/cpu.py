@@ -93,6 +93,7 @@ def _scan_library(src: str) -> Any:
     if not getattr(lib, "_snncc_typed", False):
         i64, dbl, ptr, cint = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
         extra = [ptr, i64, ptr, ptr] if "double* gk_part" in src else []     # PLIF: xs, x_stride, v0, gk
+        extra = extra + [ptr, i64, ptr, ptr, ptr, i64, i64]     # the in-kernel rerun: x, stride, v0, BN
         lib.scan_fwd.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, dbl, dbl, dbl, dbl, cint,
                                  ptr, ptr, i64, i64]
         lib.scan_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, dbl, dbl, dbl, dbl, dbl,
@@ -218,12 +219,23 @@ def _forward_kernel(lib: Any, spec: NeuronSpec, x: torch.Tensor, x_step: torch.T
     return out, v, hs, bits
 
 
+def can_rerun(spec: NeuronSpec, h_dtype: Optional[torch.dtype]) -> bool:
+    """The backward kernel can rerun the forward itself (``_scan_grads(rerun=...)``): H in the input's
+    dtype, a surrogate the kernel evaluates inline (a user's opaque one needs H in torch), not PLIF
+    (its weight gradient reads H of every step)."""
+    return h_dtype is None and not spec.surrogate.opaque and spec.kind != "plif"
+
+
 def _scan_grads(lib: Any, spec: NeuronSpec, K: int, pool: Optional[int], pool_cf: bool, broadcast: bool,
-                dtype: torch.dtype, out_meta: Tuple[Any, Any], hs: torch.Tensor, bits: torch.Tensor,
-                g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor], x: Optional[torch.Tensor],
-                v0: Optional[torch.Tensor], w: Optional[torch.Tensor]):
-    """The backward kernel: (grad of the scan's input, grad of V0, PLIF's per-unit dL/dk or None)."""
-    h0 = hs[0]
+                dtype: torch.dtype, out_meta: Tuple[Any, Any], hs: Optional[torch.Tensor],
+                bits: Optional[torch.Tensor], g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor],
+                x: Optional[torch.Tensor], v0: Optional[torch.Tensor], w: Optional[torch.Tensor],
+                rerun: Optional[Tuple[Any, ...]] = None):
+    """The backward kernel: (grad of the scan's input, grad of V0, PLIF's per-unit dL/dk or None).
+
+    ``rerun`` = (x, x_step, broadcast, v0, bn): the kernel reruns the forward block by block itself (hs and
+    bits are None; ``can_rerun`` must hold)."""
+    h0 = hs[0] if hs is not None else rerun[1]
     dsur = _user_derivative(spec, hs) if spec.surrogate.opaque else None
     # the gradient of one step's input: laid out like H (and the input), in the input's dtype
     g_step = buffers.empty(tuple(h0.shape), dtype, h0.device, channels_last=_channels_last(h0))
@@ -244,13 +256,18 @@ def _scan_grads(lib: Any, spec: NeuronSpec, K: int, pool: Optional[int], pool_cf
     units = (M + _BLOCK - 1) // _BLOCK if pool is None else pool_geometry(h0, pool)[4]
     gk_part = torch.zeros(units, dtype=torch.float64) if plif else None
     extra = [x.data_ptr(), 0 if broadcast else M, _p(v0), gk_part.data_ptr()] if plif else []
+    if rerun is not None:
+        rx, rx_step, rb, rv0, rbn = rerun
+        extra += [rx.data_ptr(), 0 if rb else M, _p(rv0), *_bn_args(rbn, rx_step)]
+    else:
+        extra += [None, 0, None, None, None, 1, 1]
     if pool is None:
-        lib.scan_bwd(_p(g_out), hs.data_ptr(), _p(dsur), bits.data_ptr(), _p(g_v_last), g_x.data_ptr(),
+        lib.scan_bwd(_p(g_out), _p(hs), _p(dsur), _p(bits), _p(g_v_last), g_x.data_ptr(),
                      int(broadcast), g_v0.data_ptr(), K, M, tau, kc, vth, vr, float(spec.surrogate.alpha), nt,
                      *extra)
     else:
         P, H, W, C, _ = pool_geometry(h0, pool)
-        lib.pool_bwd(_p(g_out), hs.data_ptr(), _p(dsur), bits.data_ptr(), _p(g_v_last), g_x.data_ptr(),
+        lib.pool_bwd(_p(g_out), _p(hs), _p(dsur), _p(bits), _p(g_v_last), g_x.data_ptr(),
                      int(broadcast), g_v0.data_ptr(), K, P, H, W, C, pool, int(pool_cf), tau, kc, vth, vr,
                      float(spec.surrogate.alpha), nt, *extra)
     return g_x, g_v0, gk_part
@@ -299,7 +316,10 @@ class _CScan(torch.autograd.Function):
         hs, bits, x, v0, w = ctx.saved_tensors
         spec, K, pool = ctx.spec, ctx.K, ctx.pool
         lib = _kernels(spec, ctx.x_dtype, pool)
-        if ctx.recompute:
+        rerun = None
+        if ctx.recompute and can_rerun(spec, None):
+            rerun = (x, x if ctx.broadcast else x[0], ctx.broadcast, v0, None)
+        elif ctx.recompute:
             x_step = x if ctx.broadcast else x[0]
             _, _, hs, bits = _forward_kernel(lib, spec, x, x_step, ctx.broadcast, K, v0, w, pool, True,
                                              None, want_out=False)
@@ -308,7 +328,8 @@ class _CScan(torch.autograd.Function):
             full.copy_(hs)
             hs = full
         g_x, g_v0, gk_part = _scan_grads(lib, spec, K, pool, ctx.pool_cf, ctx.broadcast, ctx.x_dtype, ctx.out_meta,
-                                         hs, bits, g_out, g_v_last, x, v0, w)
+                                         None if rerun else hs, None if rerun else bits, g_out, g_v_last, x, v0, w,
+                                         rerun=rerun)
         plif = spec.kind == "plif"
         g_w = None
         if plif and w is not None and ctx.needs_input_grad[10]:
@@ -373,11 +394,14 @@ class _CBNScan(torch.autograd.Function):
     def backward(ctx: Any, g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor]):
         hs, bits, x, v0, mean, invstd, weight = ctx.saved_tensors
         lib = _kernels(ctx.spec, ctx.x_dtype, ctx.pool)
-        if ctx.recompute:
+        rerun = None
+        if ctx.recompute and can_rerun(ctx.spec, None):     # (alpha, beta) are saved in hs/bits' place
+            rerun, hs, bits = (x, x[0], False, v0, (hs, bits)), None, None
+        elif ctx.recompute:
             _, _, hs, bits = _forward_kernel(lib, ctx.spec, x, x[0], False, ctx.K, v0, None, ctx.pool, True,
                                              None, want_out=False, bn=(hs, bits))
         g_y, g_v0, _ = _scan_grads(lib, ctx.spec, ctx.K, ctx.pool, ctx.pool_cf, False, ctx.x_dtype, ctx.out_meta,
-                                   hs, bits, g_out, g_v_last, None, v0, None)
+                                   hs, bits, g_out, g_v_last, None, v0, None, rerun=rerun)
         g_x, g_w, g_b = step_backward(g_y, x, weight, mean, invstd, ctx.eps,
                                       (ctx.needs_input_grad[8], ctx.needs_input_grad[10], ctx.has_bias and
                                        ctx.needs_input_grad[11]))

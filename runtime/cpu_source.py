@@ -178,7 +178,7 @@ static inline void step_bwd(const HT* ht, const u8* sb, const T* gsb, T* gvb, T*
 }}
 """
     bwd_loop = f"""
-      step_bwd(hs + t * M + start, sb, gsb, gvb, gxb, {"ghb" if plif else "0"}, dsur ? dsur + t * M + start : 0,
+      step_bwd(hsrc + t * hstep + hoff, sb, gsb, gvb, gxb, {"ghb" if plif else "0"}, dsur ? dsur + t * M + start : 0,
                n, tau_, kc_, vth_, vr_, alpha_);
       {plif_prev}
       {"" if not plif else "for (int64_t i = 0; i < n; ++i) { const T gh = ghb[i]; " + plif_step + " }"}
@@ -192,8 +192,32 @@ static inline void step_bwd(const HT* ht, const u8* sb, const T* gsb, T* gvb, T*
                "    T* gvb = scratch; T* gacc = scratch + CAP; T* gsb = scratch + 2 * CAP; "
                "T* gxb = scratch + 3 * CAP; \\\n"
                + ("    T* ghb = scratch + 4 * CAP; \\\n" if plif else "")
-               + f"    T* vprev = {'(T*)malloc(CAP * sizeof(T))' if plif else '0'}; (void)vprev;\n")
+               + f"    T* vprev = {'(T*)malloc(CAP * sizeof(T))' if plif else '0'}; (void)vprev; \\\n"
+               "    T* rv = 0; T* hl = 0; u8* rs = 0; u8* bl = 0; int32_t* rc = 0; \\\n"
+               "    if (rx) { rv = (T*)malloc(CAP * sizeof(T)); hl = (T*)malloc(K * CAP * sizeof(T)); \\\n"
+               "              rs = (u8*)malloc(CAP); bl = (u8*)malloc(K * UB); rc = (int32_t*)malloc(CAP * sizeof(int32_t)); }\n"
+               "#define RERUN_FREE free(rv); free(hl); free(rs); free(bl); free(rc);\n")
 
+
+    # NOTE (memory plans): with ``rx`` the backward reruns the forward scan of each block itself, into
+    # per-thread buffers, instead of reading H and the spike bits that a separate rerun wrote to memory
+    # for all K steps: a recomputed layer then costs one more pass over its input, not a write and a read
+    # of H. Same step_fwd on the same values: the same H and spikes, bit for bit.
+    can_rerun = HT == T and not plif
+    rerun = ("""
+      const HT* hsrc = hs; int64_t hstep = M, hoff = start;
+      const u8* bsrc = bits; int64_t bstep = U * UB, boff = u * UB;
+      """ + ("""if (rx) {
+        if (bn_al) for (int64_t i = 0; i < n; ++i) rc[i] = (int32_t)(((start + i) / cdiv) % cmod);
+        if (rv0) memcpy(rv, rv0 + start, n * sizeof(T)); else for (int64_t i = 0; i < n; ++i) rv[i] = VINIT;
+        for (int64_t t = 0; t < K; ++t) {
+          step_fwd(rx + t * rx_stride + start, rv, hl + t * CAP, rs, n, tau_, kc_, vth_, vr_,
+                   rc, bn_al ? bn_al + t * cmod : 0, bn_al ? bn_be + t * cmod : 0);
+          pack_bits(rs, n, bl + t * UB);
+        }
+        hsrc = hl; hstep = CAP; hoff = 0; bsrc = bl; bstep = UB; boff = 0;
+      }""" if can_rerun else "(void)rx_stride; (void)rv0; (void)bn_al; (void)bn_be; (void)cdiv; (void)cmod;"))
+    rerun_args = ", const T* rx, int64_t rx_stride, const T* rv0, const T* bn_al, const T* bn_be, int64_t cdiv, int64_t cmod"
     flat = f"""
 void scan_fwd(const T* xs, int64_t x_stride, const T* v0, T* spikes, u8* bits, HT* hs, T* v_out,
               int64_t K, int64_t M, double tau_, double kc_, double vth_, double vr_, int nthreads,
@@ -220,7 +244,7 @@ void scan_fwd(const T* xs, int64_t x_stride, const T* v0, T* spikes, u8* bits, H
 
 void scan_bwd(const T* g_spikes, const HT* hs, const T* dsur, const u8* bits, const T* g_vlast, T* g_x, int broadcast,
               T* g_v0, int64_t K, int64_t M, double tau_, double kc_, double vth_, double vr_, double alpha_,
-              int nthreads{plif_args}) {{
+              int nthreads{plif_args}{rerun_args}) {{
   const int64_t U = (M + BLK - 1) / BLK, UB = BLK / 8, CAP = BLK;
   CONSTS (void)VTH;
   #pragma omp parallel num_threads(nthreads)
@@ -230,9 +254,10 @@ void scan_bwd(const T* g_spikes, const HT* hs, const T* dsur, const u8* bits, co
     for (int64_t u = 0; u < U; ++u) {{
       const int64_t start = u * BLK, n = (M - start) < BLK ? (M - start) : BLK;
       {plif_init}
+      {rerun}
       for (int64_t i = 0; i < n; ++i) {{ gvb[i] = g_vlast ? g_vlast[start + i] : (T)0; gacc[i] = (T)0; }}
       for (int64_t t = K - 1; t >= 0; --t) {{
-        unpack_bits(bits + (t * U + u) * UB, n, sb);
+        unpack_bits(bsrc + t * bstep + boff, n, sb);
         if (g_spikes) memcpy(gsb, g_spikes + t * M + start, n * sizeof(T));
         else memset(gsb, 0, n * sizeof(T));
         {bwd_loop}
@@ -241,7 +266,7 @@ void scan_bwd(const T* g_spikes, const HT* hs, const T* dsur, const u8* bits, co
       if (broadcast) memcpy(g_x + start, gacc, n * sizeof(T));
       {plif_done}
     }}
-    free(scratch); free(sb); {"free(vprev);" if plif else ""}
+    free(scratch); free(sb); {"free(vprev);" if plif else ""} RERUN_FREE
   }}
 }}
 """
@@ -315,7 +340,7 @@ void pool_fwd(const T* xs, int64_t x_stride, const T* v0, T* out, u8* bits, HT* 
 
 void pool_bwd(const T* g_out, const HT* hs, const T* dsur, const u8* bits, const T* g_vlast, T* g_x, int broadcast,
               T* g_v0, int64_t K, int64_t P, int64_t H, int64_t W, int64_t C, int64_t k, int64_t out_cf,
-              double tau_, double kc_, double vth_, double vr_, double alpha_, int nthreads{plif_args}) {{
+              double tau_, double kc_, double vth_, double vr_, double alpha_, int nthreads{plif_args}{rerun_args}) {{
   POOL_GEOM
   CONSTS (void)VTH;
   #pragma omp parallel num_threads(nthreads)
@@ -325,9 +350,10 @@ void pool_bwd(const T* g_out, const HT* hs, const T* dsur, const u8* bits, const
     for (int64_t u = 0; u < U; ++u) {{
       POOL_UNIT
       {plif_init}
+      {rerun}
       for (int64_t i = 0; i < n; ++i) {{ gvb[i] = g_vlast ? g_vlast[start + i] : (T)0; gacc[i] = (T)0; }}
       for (int64_t t = K - 1; t >= 0; --t) {{
-        unpack_bits(bits + (t * U + u) * UB, n, sb);
+        unpack_bits(bsrc + t * bstep + boff, n, sb);
         memset(gsb, 0, n * sizeof(T));
         if (g_out && j < Ho) {{
           const T* gt = g_out + t * Mo;
@@ -349,7 +375,7 @@ void pool_bwd(const T* g_out, const HT* hs, const T* dsur, const u8* bits, const
       if (broadcast) memcpy(g_x + start, gacc, n * sizeof(T));
       {plif_done}
     }}
-    free(scratch); free(sb); {"free(vprev);" if plif else ""}
+    free(scratch); free(sb); {"free(vprev);" if plif else ""} RERUN_FREE
   }}
 }}
 """

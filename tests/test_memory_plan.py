@@ -223,3 +223,32 @@ def test_executor_times_its_scans_for_the_plan():
     for name, us in ex._scan_us.items():
         if name in timed:
             assert timed[name] == pytest.approx(us)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_recomputed_scans_rerun_inside_the_backward_kernel(bn, monkeypatch):
+    """A recomputed IF/LIF scan (flat, max-pool epilogue, training BatchNorm prologue) reruns its forward
+    block by block inside the backward kernel (no H for all steps written and read back): the path is taken,
+    and outputs and gradients are those of memory='max', bit for bit (float32 and float64)."""
+    from snncc.runtime import cpu
+    if not cpu.compiler_available():
+        pytest.skip("no C compiler")
+    reruns = []
+    real = cpu._scan_grads
+
+    def spy(*a, **k):
+        reruns.append(k.get("rerun") is not None)
+        return real(*a, **k)
+    monkeypatch.setattr(cpu, "_scan_grads", spy)
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        m = ConvPoolNet(bn=bn).to(dtype)
+        x = (torch.rand(3, 2, 8, 8) * 3).to(dtype)
+        res = []
+        for mode in ("max", "min"):
+            reruns.clear()
+            res.append(_grads(snncc.compile(copy.deepcopy(m), T=4, memory=mode), x))
+            assert any(reruns) == (mode == "min"), mode
+        (y0, g0, _), (y1, g1, _) = res
+        assert torch.equal(y0, y1)
+        assert all(torch.equal(a, b) for a, b in zip(g0, g1))
