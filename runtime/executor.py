@@ -23,7 +23,7 @@ from snncc.frontend import Traced, reset_module
 from snncc.ir import Ref, Schedule, SliceConst, Steps, Task, TaskGraph
 from .batched_ops import batched_call
 from .batchnorm import batch_norm_steps
-from .cpu import c_bn_scan, supports as cpu_supports
+from .cpu import c_bn_scan, can_rerun as cpu_can_rerun, supports as cpu_supports
 from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
 from .dispatch import lifted_neuron_scan, neuron_scan, recurrent_cell_scan
@@ -249,7 +249,8 @@ class Executor:
         size = 4 if xs.dtype in (torch.float16, torch.bfloat16) else xs.element_size()
         self._scans[task.name] = ScanCost(task.name, str(task.target), int(M), K, size, broadcast,
                                           state0 is not None, 2 if self.h_dtype is not None else None,
-                                          can, keeps_input or spec.kind == "plif", why)
+                                          can, keeps_input or spec.kind == "plif", why,
+                                          in_kernel_rerun=can and cpu_can_rerun(spec, None))
 
     def _last_uses(self) -> List[Tuple[str, ...]]:
         """For each task in schedule order, the values no later task reads: dropped once it has run.
