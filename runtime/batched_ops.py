@@ -99,7 +99,7 @@ def batched_call(kind: str, target: Any, args: Tuple[Any, ...], kwargs: Dict[str
         shape = rest if rest else (kwargs.get("shape", kwargs.get("size")),)
         return _reshape(x, shape, K)
     if name == "contiguous":
-        return (lambda t, *a, **k: t.contiguous(*a, **k), args, kwargs) if isinstance(x, torch.Tensor) else None
+        return (torch.Tensor.contiguous, args, kwargs) if isinstance(x, torch.Tensor) else None
     if name in ("transpose", "swapaxes"):
         dims = list(rest) + [kwargs[k] for k in ("dim0", "dim1", "axis0", "axis1") if k in kwargs]
         return (torch.transpose, (x, dims[0], dims[1]), {}) if len(dims) == 2 and _keeps_dim0(x, dims) else None

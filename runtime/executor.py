@@ -344,31 +344,28 @@ class Executor:
             return tuple(self._value(run, x, member) for x in a)
         return a
 
-    def _guarded(self, task: Task, run: _Run) -> Any:
+    def _guarded(self, task: Task, run: _Run, fn: Callable[..., Any]) -> Any:
         """A batched shape/matmul/reduction task (``batched_ops``): one call when its guard holds for these
         tensors, else step by step."""
-        try:
-            args = self._value(run, task.args)
-            kw = {k: self._value(run, v) for k, v in task.kwargs}
-            call = batched_call(task.kind, task.target, args, kw, len(task.nodes),
-                                [isinstance(a, Steps) for a in task.args])
-            if call is not None:
-                fn, a, k = call
-                return fn(*a, **k)
-        except _Unpackable:
-            pass
-        fn = task.target if task.kind == "function" else (lambda obj, *a, **k: getattr(obj, task.target)(*a, **k))
-        return [fn(*self._value(run, task.args, i), **{k: self._value(run, v, i) for k, v in task.kwargs})
-                for i in range(len(task.nodes))]
+        per_step = [isinstance(a, Steps) for a in task.args]
+        return self._call(task, run, fn, batched=lambda args, kw: batched_call(
+            task.kind, task.target, args, kw, len(task.nodes), per_step))
 
-    def _call(self, task: Task, run: _Run, fn: Callable[..., Any], check: Callable[[Any], bool] = None) -> Any:
-        """Call ``fn`` on the task's arguments, packed over its steps, or step by step if that fails."""
+    def _call(self, task: Task, run: _Run, fn: Callable[..., Any], check: Callable[[Any], bool] = None,
+              batched: Optional[Callable[..., Any]] = None) -> Any:
+        """Call ``fn`` on the task's arguments, packed over its steps, or step by step if that fails.
+        ``batched(args, kwargs)``: the one call to make on the packed arguments instead of ``fn``, or None."""
         kwargs = dict(task.kwargs)
         if task.batched:
             try:
                 args = self._value(run, task.args)
                 kw = {k: self._value(run, v) for k, v in kwargs.items()}
-                if check is None or check(args):
+                if batched is not None:
+                    call = batched(args, kw)
+                    if call is not None:
+                        f, a, k = call
+                        return f(*a, **k)
+                elif check is None or check(args):
                     return fn(*args, **kw)
             except _Unpackable:
                 pass
@@ -442,13 +439,15 @@ class Executor:
                 if whole is not None:     # stacking all steps of a batched task: a view, no copy
                     return whole.view(len(refs), whole.shape[0] // len(refs), *whole.shape[1:])
         if task.batched and task.target in GUARDED_FUNCTIONS:
-            return self._guarded(task, run)
+            return self._guarded(task, run, task.target)
         return self._call(task, run, task.target)
 
     def _method(self, task: Task, run: _Run) -> Any:
+        def fn(obj: Any, *a: Any, **k: Any) -> Any:
+            return getattr(obj, task.target)(*a, **k)
         if task.batched and task.target in GUARDED_METHODS:
-            return self._guarded(task, run)
-        return self._call(task, run, lambda obj, *a, **k: getattr(obj, task.target)(*a, **k))
+            return self._guarded(task, run, fn)
+        return self._call(task, run, fn)
 
     def _opaque(self, task: Task, run: _Run) -> Any:
         return self._call(task, run, self.modules[task.target])

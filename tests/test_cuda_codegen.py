@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import subprocess
-from typing import Optional
+from typing import Optional, Tuple
 
 import pytest
 import torch
@@ -118,26 +118,31 @@ def _nvrtc() -> Optional[ctypes.CDLL]:
     return None
 
 
+def nvrtc_compile(lib: ctypes.CDLL, src: str) -> Tuple[int, str]:
+    """Compile ``src`` with NVRTC and the launcher's options (what CuPy does first on a GPU): (status, log)."""
+    from snncc.runtime.cuda.kernels import NVRTC_OPTIONS
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None) == 0
+    opts = (ctypes.c_char_p * len(NVRTC_OPTIONS))(*[o.encode() for o in NVRTC_OPTIONS])
+    rc = lib.nvrtcCompileProgram(prog, len(NVRTC_OPTIONS), opts)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return rc, log.value.decode(errors="replace")[-3000:]
+
+
 @pytest.mark.skipif(_nvrtc() is None, reason="libnvrtc not found (set SNNCC_NVRTC=/path/to/libnvrtc.so)")
 def test_nvrtc_compiles_every_float_variant():
     """What CuPy does first on a GPU: NVRTC, the launcher's options, no include path at all. (The half
     variants need CuPy's include path for cuda_fp16.h / cuda_bf16.h and are left to the nvcc check.)"""
-    from snncc.runtime.cuda.kernels import NVRTC_OPTIONS
     lib = _nvrtc()
     for spec, dt, hdt, k in _variants():
         if "float16" in (dt, hdt) or dt == "bfloat16":
             continue
-        prog = ctypes.c_void_p()
-        assert lib.nvrtcCreateProgram(ctypes.byref(prog), cuda_source(spec, dt, hdt, k).encode(), b"k.cu", 0,
-                                      None, None) == 0
-        opts = (ctypes.c_char_p * len(NVRTC_OPTIONS))(*[o.encode() for o in NVRTC_OPTIONS])
-        rc = lib.nvrtcCompileProgram(prog, len(NVRTC_OPTIONS), opts)
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-        assert rc == 0, (spec, dt, log.value.decode(errors="replace")[-3000:])
+        rc, log = nvrtc_compile(lib, cuda_source(spec, dt, hdt, k))
+        assert rc == 0, (spec, dt, log)
 
 
 # --------------------------------------------------------------------------- on a GPU

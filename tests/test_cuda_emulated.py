@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-import types
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -327,19 +326,8 @@ def test_launch_py_through_a_stand_in_cupy(emu, monkeypatch):
         def __exit__(self, *exc: Any) -> None:
             return None
 
-    fake = types.ModuleType("cupy")
-    fake.RawModule = RawModule
-    fake.cuda = types.SimpleNamespace(ExternalStream=ExternalStream)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.delitem(sys.modules, "snncc.runtime.cuda.launch", raising=False)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", _Device)
-    import snncc.runtime.cuda as cuda_pkg
-    import importlib
-    launch = importlib.import_module("snncc.runtime.cuda.launch")
-    monkeypatch.setitem(sys.modules, "snncc.runtime.cuda.launch", launch)     # removed again afterwards
-    monkeypatch.setattr(cuda_pkg, "launch", launch, raising=False)
+    launch = cuda_emu.stand_in_cupy(monkeypatch, RawModule, ExternalStream)
 
     spec = _spec("plif", v_reset=None)
     x = _inputs(4, torch.float32, True, True, (2, 3, 7, 6))

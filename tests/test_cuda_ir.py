@@ -26,8 +26,6 @@ import importlib.util
 import re
 import shutil
 import subprocess
-import sys
-import types
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -429,19 +427,8 @@ def test_launch_py_through_a_stand_in_cupy(emu, monkeypatch):
         def __exit__(self, *exc: Any) -> None:
             return None
 
-    fake = types.ModuleType("cupy")
-    fake.RawModule = RawModule
-    fake.cuda = types.SimpleNamespace(ExternalStream=lambda ptr: _Null())
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.delitem(sys.modules, "snncc.runtime.cuda.launch", raising=False)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", _Null)
-    import importlib
-    import snncc.runtime.cuda as cuda_pkg
-    launch = importlib.import_module("snncc.runtime.cuda.launch")
-    monkeypatch.setitem(sys.modules, "snncc.runtime.cuda.launch", launch)     # removed again afterwards
-    monkeypatch.setattr(cuda_pkg, "launch", launch, raising=False)
+    launch = cuda_emu.stand_in_cupy(monkeypatch, RawModule, lambda ptr: _Null())
     # positionally, as ir_c_scan is called: launch.py's entry, and ir_scan's without a launcher (what the
     # dispatcher calls: it takes CuPy's launcher from launch.py)
     _check("user_channel_lif", torch.float32, emu, scan_fn=launch.cuda_ir_scan)
@@ -545,23 +532,13 @@ def test_sources_need_no_headers():
 
 def test_nvrtc_compiles_every_variant():
     """What CuPy does first on a GPU: NVRTC with the launcher's options and no include path at all."""
-    from test_cuda_codegen import _nvrtc
-    from snncc.runtime.cuda.kernels import NVRTC_OPTIONS
-    import ctypes
+    from test_cuda_codegen import _nvrtc, nvrtc_compile
     lib = _nvrtc()
     if lib is None:
         pytest.skip("libnvrtc not found (set SNNCC_NVRTC=/path/to/libnvrtc.so)")
     for what, src in _sources(prefixed=False):
-        prog = ctypes.c_void_p()
-        assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None) == 0
-        opts = (ctypes.c_char_p * len(NVRTC_OPTIONS))(*[o.encode() for o in NVRTC_OPTIONS])
-        rc = lib.nvrtcCompileProgram(prog, len(NVRTC_OPTIONS), opts)
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-        assert rc == 0, (what, log.value.decode(errors="replace")[-3000:])
+        rc, log = nvrtc_compile(lib, src)
+        assert rc == 0, (what, log)
 
 
 # ----------------------------------------------------------------------------------------------- on a GPU

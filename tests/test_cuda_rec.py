@@ -33,7 +33,6 @@ import functools
 import importlib.util
 import shutil
 import subprocess
-import sys
 import types
 import warnings
 from pathlib import Path
@@ -338,25 +337,15 @@ def test_sources_need_no_headers() -> None:
 
 def test_nvrtc_compiles_every_variant() -> None:
     """What CuPy does first on a GPU: NVRTC with the launcher's options and no include path at all."""
-    from test_cuda_codegen import _nvrtc
-    from snncc.runtime.cuda.kernels import NVRTC_OPTIONS
-    import ctypes
+    from test_cuda_codegen import _nvrtc, nvrtc_compile
     lib = _nvrtc()
     if lib is None:
         pytest.skip("libnvrtc not found (set SNNCC_NVRTC=/path/to/libnvrtc.so)")
     for i, (name, dt, division) in enumerate(_compile_variants()):
         _, _, tap, params = _cell(name, dt)
         src = rec_kernels.rec_cuda_source(*_steps(name, dt, division), _full(params), tap)
-        prog = ctypes.c_void_p()
-        assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None) == 0
-        opts = (ctypes.c_char_p * len(NVRTC_OPTIONS))(*[o.encode() for o in NVRTC_OPTIONS])
-        rc = lib.nvrtcCompileProgram(prog, len(NVRTC_OPTIONS), opts)
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-        assert rc == 0, (name, dt, log.value.decode(errors="replace")[-3000:])
+        rc, log = nvrtc_compile(lib, src)
+        assert rc == 0, (name, dt, log)
 
 
 def test_modules_import_no_cupy() -> None:
@@ -612,20 +601,9 @@ def test_cupy_launcher_through_a_stand_in_cupy(emu: EmuBlocks, monkeypatch: pyte
         def __exit__(self, *exc: Any) -> None:
             return None
 
-    fake = types.ModuleType("cupy")
-    fake.RawModule = RawModule
-    fake.cuda = types.SimpleNamespace(ExternalStream=_Stream)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.delitem(sys.modules, "snncc.runtime.cuda.launch", raising=False)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda d: types.SimpleNamespace(shared_memory_per_block_optin=100 * 1024))
-    import importlib
-    import snncc.runtime.cuda as cuda_pkg
-    launch = importlib.import_module("snncc.runtime.cuda.launch")
-    monkeypatch.setitem(sys.modules, "snncc.runtime.cuda.launch", launch)     # removed again afterwards
-    monkeypatch.setattr(cuda_pkg, "launch", launch, raising=False)
+    cuda_emu.stand_in_cupy(monkeypatch, RawModule, _Stream)
     cupy_launcher = rec_scan.CupyBlockLauncher()
     _check(cupy_launcher, "chan", torch.float32, seed=80, sp=True, state=True)
     assert seen["options"] and all(o == kernels.NVRTC_OPTIONS for o in seen["options"])

@@ -11,6 +11,7 @@ from torch import nn
 import snncc
 from snncc.passes import MemoryPlan, ScanCost, plan_memory
 from snncc.runtime.calibrate import Calibration
+from snncc.tools._memory import saved_bytes_and_output
 
 from test_fusion import ConvPoolNet
 
@@ -88,16 +89,10 @@ def _executor(cm):
 
 def _grads(cm, x, bn_free=True):
     cm.zero_grad(set_to_none=True)
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = cm(x)
+    n_saved, y = saved_bytes_and_output(lambda: cm(x))
     w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
     (y.float() * w.float()).sum().backward()
-    return y.detach(), [p.grad.clone() for p in cm.parameters()], sum(saved.values())
+    return y.detach(), [p.grad.clone() for p in cm.parameters()], n_saved
 
 
 def _force(cm, mode):

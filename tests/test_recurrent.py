@@ -254,15 +254,7 @@ def test_snntorch_rleaky_streams_one_step_at_a_time() -> None:
 
 
 # --------------------------------------------------------------------------- memory="min" with chunks
-def _saved_bytes(fn: Any) -> int:
-    seen = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
+from snncc.tools._memory import saved_bytes_and_output as _saved_bytes  # noqa: E402  (bytes kept, output)
 
 
 def test_memory_min_chunks_checkpoint_each_chunk_with_identical_gradients() -> None:

@@ -7,18 +7,18 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Tuple
 
 import torch
 
 from ._taskprof import storage_bytes
 
-__all__ = ["saved_bytes", "peak_bytes"]
+__all__ = ["saved_bytes", "saved_bytes_and_output", "peak_bytes"]
 
 
-def saved_bytes(run: Callable[[], Any], exclude: Iterable[int] = ()) -> int:
-    """Bytes of the distinct storages saved for backward during ``run()``; ``exclude``: storage data
-    pointers not to count (the input the caller holds anyway, parameters)."""
+def saved_bytes_and_output(run: Callable[[], Any], exclude: Iterable[int] = ()) -> Tuple[int, Any]:
+    """(bytes of the distinct storages saved for backward during ``run()``, its output); ``exclude``:
+    storage data pointers not to count (the input the caller holds anyway, parameters)."""
     skip = set(exclude)
     seen: dict = {}
 
@@ -29,8 +29,12 @@ def saved_bytes(run: Callable[[], Any], exclude: Iterable[int] = ()) -> int:
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
-    del out
-    return sum(seen.values())
+    return sum(seen.values()), out
+
+
+def saved_bytes(run: Callable[[], Any], exclude: Iterable[int] = ()) -> int:
+    """Bytes of the distinct storages saved for backward during ``run()`` (its output is dropped)."""
+    return saved_bytes_and_output(run, exclude)[0]
 
 
 def peak_bytes(fn: Callable[[], None]) -> int:

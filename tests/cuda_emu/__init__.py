@@ -252,3 +252,26 @@ class EmuLauncher:
                 os.replace(out, so)       # atomic: a concurrent test run sees the whole library or none
         lib = ctypes.CDLL(str(so))
         return {src: EmuModule(lib, f"u{i}", ks) for i, (src, ks) in enumerate(zip(sources, kernels))}
+
+
+def stand_in_cupy(monkeypatch: Any, raw_module: Any, external_stream: Any) -> Any:
+    """Install a stand-in ``cupy`` (``RawModule``, ``cuda.ExternalStream``) and re-import snncc's CuPy
+    launcher (``runtime/cuda/launch.py``) against it, with torch's current stream (7) and device (0) faked;
+    returns the launcher module. Everything is undone by ``monkeypatch`` after the test."""
+    import importlib
+    import sys
+    import types
+
+    import torch
+    import snncc.runtime.cuda as cuda_pkg
+    fake = types.ModuleType("cupy")
+    fake.RawModule = raw_module
+    fake.cuda = types.SimpleNamespace(ExternalStream=external_stream)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.delitem(sys.modules, "snncc.runtime.cuda.launch", raising=False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    launch = importlib.import_module("snncc.runtime.cuda.launch")
+    monkeypatch.setitem(sys.modules, "snncc.runtime.cuda.launch", launch)     # removed again afterwards
+    monkeypatch.setattr(cuda_pkg, "launch", launch, raising=False)
+    return launch
