@@ -26,6 +26,7 @@ from .batchnorm import batch_norm_steps
 from .cpu import c_bn_scan, can_rerun as cpu_can_rerun, supports as cpu_supports
 from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
+from .recompute import attach_source, saving_as_source, source_of
 from .dispatch import lifted_neuron_scan, neuron_scan, recurrent_cell_scan
 from snncc.lift import _set_state
 from snncc.passes.batch_over_time import GUARDED_FUNCTIONS, GUARDED_METHODS
@@ -204,6 +205,7 @@ class Executor:
         self._scans: Dict[str, ScanCost] = {}
         self._fwd_us: List[float] = []
         self._scan_us: Dict[str, float] = {}      # neuron task -> its fastest measured forward (us)
+        self._task_us: Dict[str, float] = {}      # producer (conv/linear) task -> its fastest forward (us)
         self._device: Optional[torch.device] = None
         self._plan: Optional[MemoryPlan] = None
         self.handlers: Dict[str, Callable[[Task, _Run], Any]] = {
@@ -230,8 +232,9 @@ class Executor:
             cal = calibrate(self._device or torch.device("cpu"))
         step = STEP_PER_FORWARD * min(self._fwd_us) if self._fwd_us else None
         order = {t.name: i for i, t in enumerate(self.tasks)}
-        scans = sorted((dataclasses.replace(c, measured_us=self._scan_us.get(c.name)) for c in self._scans.values()),
-                       key=lambda c: order.get(c.name, 0))
+        scans = sorted((dataclasses.replace(c, measured_us=self._scan_us.get(c.name),
+                                            source_us=None if c.source is None else self._task_us.get(c.source))
+                        for c in self._scans.values()), key=lambda c: order.get(c.name, 0))
         return plan_memory(scans, self.options.memory, cal, step)
 
     def _recompute(self, task: Task) -> bool:
@@ -241,16 +244,32 @@ class Executor:
             return True
         return mode == "default" and self._plan is not None and self._plan.recompute(task.name)
 
+    def _sources_on(self, x: Any) -> bool:
+        """Whether conv/linear outputs are marked recomputable (``runtime/recompute.py``) in this call:
+        training with a plan that may use them, outside ``memory="min"``'s time chunks (checkpointed as a
+        whole) and autocast (a rerun in backward would not run in the autocast dtype)."""
+        return (self.options.memory in ("min", "default") and self.regions is None and torch.is_grad_enabled()
+                and isinstance(x, torch.Tensor) and not torch.is_autocast_enabled(x.device.type))
+
+    def _input_source(self, task: Task, xs: torch.Tensor) -> Any:
+        """The Source the scan of ``task`` saves its input as (None: it keeps the input), per the plan."""
+        mode = self.options.memory
+        if mode == "min" or (mode == "default" and self._plan is not None and self._plan.from_source(task.name)):
+            return source_of(xs) if self._sources_on(xs) else None
+        return None
+
     def _record_scan(self, task: Task, xs: torch.Tensor, broadcast: bool, K: int, state0: Any, spec: Any,
                      can: bool, why: str = "", keeps_input: bool = False) -> None:
         if task.name in self._scans or not torch.is_grad_enabled():
             return
         M = xs.numel() // (1 if broadcast else max(K, 1))
         size = 4 if xs.dtype in (torch.float16, torch.bfloat16) else xs.element_size()
+        src = source_of(xs) if self._sources_on(xs) else None
         self._scans[task.name] = ScanCost(task.name, str(task.target), int(M), K, size, broadcast,
                                           state0 is not None, 2 if self.h_dtype is not None else None,
                                           can, keeps_input or spec.kind == "plif", why,
-                                          in_kernel_rerun=can and cpu_can_rerun(spec, None))
+                                          in_kernel_rerun=can and cpu_can_rerun(spec, None),
+                                          source=None if src is None else src.task)
 
     def _last_uses(self) -> List[Tuple[str, ...]]:
         """For each task in schedule order, the values no later task reads: dropped once it has run.
@@ -400,10 +419,25 @@ class Executor:
         if task.spike_input or task.fused:
             return self._conv_like(task, run, m, rank)
         if rank == 4 and self.channels_last and isinstance(m, _CL_MODULES):
+            if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and type(m).forward is nn.Conv2d.forward:
+                return self._call(task, run, lambda x: self._dense_conv(task, m, _to_channels_last(x)),
+                                  lambda args: len(args) == 1 and isinstance(args[0], torch.Tensor) and
+                                  args[0].dim() == rank)
             return self._call(task, run, lambda x, *a, **k: m(_to_channels_last(x), *a, **k),
                               lambda args: isinstance(args[0], torch.Tensor) and args[0].dim() == rank)
         return self._call(task, run, m, None if rank is None else
                           (lambda args: isinstance(args[0], torch.Tensor) and args[0].dim() == rank))
+
+    def _dense_conv(self, task: Task, m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """``m(x)`` (its hooks too); in training, the output marked recomputable from ``x`` and the weight,
+        which the convolution's backward keeps anyway (a hoisted first layer's output, fed to a neuron at
+        every step, then need not be kept: ``runtime/recompute.py``)."""
+        y = m(x)
+        if self._sources_on(x) and m.weight.requires_grad and not m._forward_hooks and not m._forward_pre_hooks:
+            attach_source(y, lambda x, w, *b: m._conv_forward(x, w, b[0] if b else None),
+                          (x, m.weight) + (() if m.bias is None else (m.bias,)), f"convolution '{task.target}'",
+                          task.name)
+        return y
 
     def _conv_like(self, task: Task, run: _Run, m: nn.Module, rank: Optional[int]) -> Any:
         """A conv/linear with its fusions: eval BatchNorm folded into the weights, spike input kept as bits."""
@@ -416,15 +450,18 @@ class Executor:
                 w, b = _fold_bn(w, b, self.modules[fold.module])
             # NOTE: below _SMALL elements packing saves little memory and costs more than it saves in time
             pack = task.spike_input and torch.is_grad_enabled() and w.requires_grad and x.numel() >= _SMALL
+            # the output, recomputable from the input's bits (a neuron's input the plan need not keep)
+            src = task.name if pack and self._sources_on(x) else None
             if isinstance(m, nn.Linear):
                 if task.spike_input and (pack or (x.device.type == "cpu" and x.numel() >= _SMALL)):
-                    return packed_linear(m, x)      # bits for backward; spike-driven forward on CPU
+                    # bits for backward; spike-driven forward on CPU
+                    return packed_linear(m, x, source=src if fold is None else None)
                 return nn.functional.linear(x, w, b)
             if cl:
                 x = _to_channels_last(x)
             if task.spike_input and m.padding_mode == "zeros" and \
                     (pack or (x.device.type == "cpu" and x.numel() >= _SMALL)):
-                return packed_conv(m, x, w, b)      # bits for backward; spike-driven forward on CPU
+                return packed_conv(m, x, w, b, source=src)      # bits for backward; spike-driven forward on CPU
             return m._conv_forward(x, w, b)
         return self._call(task, run, fn, None if rank is None else
                           (lambda args: isinstance(args[0], torch.Tensor) and args[0].dim() == rank))
@@ -479,8 +516,9 @@ class Executor:
         state0 = run.states.get(task.target)
         if bn_f is not None and self._bn_kernel(binding.spec, xs, step_dim, state0):
             self._record_scan(task, xs, broadcast, K, state0, binding.spec, True, keeps_input=True)
-            spikes, v = c_bn_scan(binding.spec, xs, K, None if state0 is None else state0[0],
-                                  self.modules[bn_f.module], pool=k, pool_cf=cf, recompute=self._recompute(task))
+            with saving_as_source(self._input_source(task, xs)):
+                spikes, v = c_bn_scan(binding.spec, xs, K, None if state0 is None else state0[0],
+                                      self.modules[bn_f.module], pool=k, pool_cf=cf, recompute=self._recompute(task))
             state: Tuple[torch.Tensor, ...] = (v,)
         else:
             if bn_f is not None:    # the same semantics without the kernel: the K steps' BatchNorm, then the scan
@@ -491,8 +529,9 @@ class Executor:
                     torch.float16, torch.bfloat16) else xs, None if state0 is None else state0[0])
                 self._record_scan(task, xs, broadcast, K, state0, binding.spec, can,
                                   "" if can else "kernel keeps H (not a built-in C kernel on this device)")
-            spikes, state = neuron_scan(binding.spec, xs, K, broadcast, state0, params, pool=k,
-                                        h_dtype=self.h_dtype, recompute=self._recompute(task), pool_cf=cf)
+            with saving_as_source(None if bn_f is not None else self._input_source(task, xs)):
+                spikes, state = neuron_scan(binding.spec, xs, K, broadcast, state0, params, pool=k,
+                                            h_dtype=self.h_dtype, recompute=self._recompute(task), pool_cf=cf)
         if pool is not None and k is None:        # not 4-d per step: the pool module, step by step
             pm = self.modules[pool.module]
             spikes = torch.stack([pm(s) for s in spikes])
@@ -709,11 +748,12 @@ class Executor:
             try:
                 if observer is not None:
                     observer.before(task)
-                if timing and task.kind == "neuron":
+                if timing and task.kind in ("neuron", "module"):
                     t0 = time.perf_counter()
                     run.env[task.name] = self.handlers[task.kind](task, run)
                     us = (time.perf_counter() - t0) * 1e6
-                    self._scan_us[task.name] = min(us, self._scan_us.get(task.name, us))
+                    times = self._scan_us if task.kind == "neuron" else self._task_us
+                    times[task.name] = min(us, times.get(task.name, us))
                 else:
                     run.env[task.name] = self.handlers[task.kind](task, run) if self.plan is None \
                         else self._on_stream(task, run)

@@ -9,6 +9,7 @@ input is kept instead, so the result is exact either way.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import weakref
 from typing import Any, Dict, Optional, Tuple
@@ -117,20 +118,27 @@ class _SparseChoice:
         self.clock = clock
         self.seen: Dict[Tuple[Any, ...], int] = {}
         self.cost: Dict[Tuple[Any, ...], Tuple[float, float]] = {}     # key -> (dense ms, sparse ms per spike)
+        self.last_sparse = False
 
     def run(self, key: Tuple[Any, ...], ones: int, dense: Any, sparse: Any) -> torch.Tensor:
+        """The result of the path chosen for ``key``; ``self.last_sparse`` says whether it is the
+        spike-driven one (a recomputation in backward must take the same path to be bit-identical)."""
+        y, self.last_sparse = self._run(key, ones, dense, sparse)
+        return y
+
+    def _run(self, key: Tuple[Any, ...], ones: int, dense: Any, sparse: Any) -> Tuple[torch.Tensor, bool]:
         mode = os.environ.get("SNNCC_SPARSE", "auto")
         if mode == "always":
-            return sparse()
+            return sparse(), True
         if mode == "never":
-            return dense()
+            return dense(), False
         hit = self.cost.get(key)
         if hit is not None:
-            return sparse() if ones * hit[1] < hit[0] else dense()
+            return (sparse(), True) if ones * hit[1] < hit[0] else (dense(), False)
         n = self.seen[key] = self.seen.get(key, 0) + 1
         if n == 1:                        # warm both paths; the dense result is returned
             sparse()
-            return dense()
+            return dense(), False
         t0 = self.clock()
         y = dense()
         t1 = self.clock()
@@ -139,10 +147,12 @@ class _SparseChoice:
         if len(self.cost) > 4096:         # many geometries (varying batch sizes): start over
             self.cost.clear()
         self.cost[key] = (t1 - t0, (t2 - t1) / max(ones, 1))
-        return y
+        return y, False
 
 
 _CHOICE = _SparseChoice()
+#: what the last packed conv/linear forward ran on this thread: (its input's bits or None, spike-driven?)
+_LAST = threading.local()
 
 
 def _sparse_ok(x: torch.Tensor, weight: torch.Tensor, dilation: Tuple[int, ...], groups: int,
@@ -229,12 +239,15 @@ class _PackedConv(torch.autograd.Function):
 
         def dense() -> torch.Tensor:
             return fn(x, weight, bias, stride, padding, dilation, groups)
+        sparse = False
         if bits is not None and _sparse_ok(x, weight, dilation, groups, padding) and \
                 ones <= SPARSE_DENSITY * x.numel():
             key = ("conv", tuple(x.shape), tuple(weight.shape), tuple(stride), pad2, torch.get_num_threads())
             y = _CHOICE.run(key, ones, dense, lambda: _sparse_conv2d(bits, x, weight, bias, tuple(stride), pad2))
+            sparse = _CHOICE.last_sparse
         else:
             y = dense()
+        _LAST.value = (bits, sparse)
         keep = ctx.needs_input_grad[1] or ctx.needs_input_grad[0]
         ctx.meta = (tuple(x.shape), x.stride(), x.dtype, bits is not None, bias is not None,
                     stride, padding, dilation, groups)
@@ -270,8 +283,11 @@ class _PackedLinear(torch.autograd.Function):
             key = ("linear", tuple(x.shape), tuple(weight.shape), torch.get_num_threads())
             y = _CHOICE.run(key, ones, lambda: F.linear(x, weight, bias),
                             lambda: _sparse_linear(bits, x, weight, bias))
+            sparse = _CHOICE.last_sparse
         else:
             y = F.linear(x, weight, bias)
+            sparse = False
+        _LAST.value = (bits, sparse)
         ctx.meta = (tuple(x.shape), x.stride(), x.dtype, bits is not None)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             ctx.save_for_backward(bits if bits is not None else x, weight)
@@ -290,14 +306,49 @@ class _PackedLinear(torch.autograd.Function):
 
 
 def packed_conv(m: torch.nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                bias: Optional[torch.Tensor] = None, source: Optional[str] = None) -> torch.Tensor:
     """``m(x)`` for a Conv1d/2d/3d (zeros padding) whose input is spikes: the input kept as bits for
-    backward, and on CPU a spike-driven forward when the spikes are sparse (with or without grad)."""
+    backward, and on CPU a spike-driven forward when the spikes are sparse (with or without grad).
+    ``source`` (a task name): the output is marked recomputable from those bits (``runtime/recompute.py``)."""
     w = m.weight if weight is None else weight
     b = m.bias if weight is None else bias
-    return _PackedConv.apply(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+    y = _PackedConv.apply(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+    bits, sparse = getattr(_LAST, "value", (None, False))
+    _LAST.value = (None, False)
+    if source is not None and bits is not None and torch.is_grad_enabled():
+        _conv_source(y, m, x, w, b, bits, sparse, source)
+    return y
 
 
-def packed_linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``m(x)`` for a Linear, keeping a spike input as bits for backward."""
-    return _PackedLinear.apply(x, m.weight, m.bias)
+def _conv_source(y: torch.Tensor, m: torch.nn.Module, x: torch.Tensor, w: torch.Tensor,
+                 b: Optional[torch.Tensor], bits: torch.Tensor, sparse: bool, task: str) -> None:
+    """Mark ``y = conv(x)`` as recomputable from ``x``'s bits by the path the forward took."""
+    from .recompute import attach_source
+    shape, strides, dtype = tuple(x.shape), x.stride(), x.dtype
+    stride, padding, dilation, groups = m.stride, m.padding, m.dilation, m.groups
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+
+    def again(bits: torch.Tensor, w: torch.Tensor, *b: torch.Tensor) -> torch.Tensor:
+        xs = unpack_spikes(bits, shape, strides, dtype)
+        bias = b[0] if b else None
+        if sparse:
+            return _sparse_conv2d(bits, xs, w, bias, tuple(stride), tuple(padding))
+        return fn(xs, w, bias, stride, padding, dilation, groups)
+    attach_source(y, again, (bits, w) + (() if b is None else (b,)), f"convolution '{task}'", task)
+
+
+def packed_linear(m: torch.nn.Module, x: torch.Tensor, source: Optional[str] = None) -> torch.Tensor:
+    """``m(x)`` for a Linear, keeping a spike input as bits for backward (``source``: as for packed_conv)."""
+    y = _PackedLinear.apply(x, m.weight, m.bias)
+    bits, sparse = getattr(_LAST, "value", (None, False))
+    _LAST.value = (None, False)
+    if source is not None and bits is not None and torch.is_grad_enabled():
+        from .recompute import attach_source
+        shape, strides, dtype, w, b = tuple(x.shape), x.stride(), x.dtype, m.weight, m.bias
+
+        def again(bits: torch.Tensor, w: torch.Tensor, *b: torch.Tensor) -> torch.Tensor:
+            xs = unpack_spikes(bits, shape, strides, dtype)
+            bias = b[0] if b else None
+            return _sparse_linear(bits, xs, w, bias) if sparse else F.linear(xs, w, bias)
+        attach_source(y, again, (bits, w) + (() if b is None else (b,)), f"linear '{source}'", source)
+    return y

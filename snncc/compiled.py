@@ -89,7 +89,7 @@ class CompiledModule(nn.Module):
     @property
     def memory_plans(self) -> Dict[Tuple[Any, ...], Any]:
         """What each neuron scan keeps for backward, per cached specialization (key -> ``passes.MemoryPlan``:
-        per scan, "h" or "input", the bytes kept, the predicted recompute time). With ``memory="default"``
+        per scan, "h", "input" or "source", the bytes kept, the predicted recompute time). With ``memory="default"``
         the plan is chosen by ``passes/plan_memory.py`` from the first training calls' measured time."""
         return {k: ex.memory_plan for k, (_, ex) in self._snncc_cache.items()}
 

@@ -190,7 +190,7 @@ def test_prof_json_and_trace(tmp_path, capsys):
     assert "memory plan" in out and "neuron scans recompute" in out
     rep = json.loads(js.read_text())
     assert rep["memory_plan"]["mode"] == "default" and rep["memory_plan"]["layers"]
-    assert {d["keep"] for d in rep["memory_plan"]["layers"]} <= {"h", "input"}
+    assert {d["keep"] for d in rep["memory_plan"]["layers"]} <= {"h", "input", "source"}
     for key in ("model", "T", "batch", "device", "torch", "date", "variants", "tasks", "totals"):
         assert key in rep
     assert rep["T"] == 3 and rep["batch"] == 2 and rep["device"] == "cpu"

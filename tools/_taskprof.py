@@ -351,8 +351,9 @@ def memory_plan_lines(plan: Any) -> List[str]:
     its scan costs (predicted by passes/plan_memory.py)."""
     lines = [plan.summary()]
     for layer, d in plan.by_layer().items():
-        what = "its input + initial V (scan rerun in backward)" if d["keep"] == "input" else \
-            "H + spike bits" if d["keep"] == "h" else "mixed over chunks"
+        what = {"input": "its input + initial V (scan rerun in backward)",
+                "source": "initial V only (input recomputed from its producer's kept input, scan rerun)",
+                "h": "H + spike bits"}.get(d["keep"], "mixed over chunks")
         cost = f", recompute {d['recompute_us'] / 1e3:.2f} ms" if d["keep"] != "h" else ""
         lines.append(f"  {layer}: keeps {what}, {d['kept_bytes'] / 2 ** 20:.2f} MiB{cost} ({d['why']})")
     return lines
@@ -365,6 +366,7 @@ def memory_notes(plan: Optional[Any]) -> Dict[str, str]:
     out = {}
     for layer, d in plan.by_layer().items():
         mib = d["kept_bytes"] / 2 ** 20
-        out[layer] = (f"backward keeps input, {mib:.2f} MiB (recompute {d['recompute_us'] / 1e3:.2f} ms)"
-                      if d["keep"] != "h" else f"backward keeps H + bits, {mib:.2f} MiB")
+        kept = {"h": "H + bits", "source": "no input (recomputed from its producer)"}.get(d["keep"], "input")
+        cost = "" if d["keep"] == "h" else f" (recompute {d['recompute_us'] / 1e3:.2f} ms)"
+        out[layer] = f"backward keeps {kept}, {mib:.2f} MiB{cost}"
     return out

@@ -730,7 +730,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plan = memory_plan_of(cm)
         layers = layer_fates(tg, root, fates)
         if plan is not None:      # what each neuron layer keeps for backward (passes/plan_memory.py)
-            facts.append(("memory plan", f"{plan.mode}: {sum(p.keep == 'input' for p in plan.layers)}/"
+            facts.append(("memory plan", f"{plan.mode}: {sum(p.keep != 'h' for p in plan.layers)}/"
                                          f"{len(plan.layers)} scans recompute, {plan.kept_bytes / 2 ** 20:.1f} MiB kept"))
             notes_m = memory_notes(plan)
             layers = [(layer, cls, f"{fate}; {notes_m[layer]}" if layer in notes_m else fate)
