@@ -113,8 +113,13 @@ def _cl_strides(shape: Sequence[int]) -> Tuple[int, ...]:
 
 
 def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
-          channels_last: bool = False) -> torch.Tensor:
-    """Like ``torch.empty`` (contiguous, or channels-last for 4-d), from the pool on CPU."""
+          channels_last: bool = False, own: bool = False) -> torch.Tensor:
+    """Like ``torch.empty`` (contiguous, or channels-last for 4-d), from the pool on CPU.
+
+    ``own``: a tensor of its own on the pooled storage, not a view of the pool's base, so that views of it
+    have it as their ``_base`` (``runtime/recompute.source_of`` follows ``_base`` to the tensor a recipe is
+    attached to; a view's ``_base`` skips intermediate views). The pool's use count sees it all the same.
+    """
     shape = tuple(int(s) for s in shape)
     device = torch.device(device)
     mf = torch.channels_last if channels_last else torch.contiguous_format
@@ -127,9 +132,11 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
     nbytes = max(numel * itemsize, 1)
     base = _take(nbytes)
     flat = base[:numel * itemsize].view(dtype)
-    if channels_last:
-        return flat.as_strided(shape, _cl_strides(shape))
-    return flat.view(shape)
+    strides = _cl_strides(shape) if channels_last else flat.view(shape).stride()
+    if own:
+        return torch.empty(0, dtype=dtype, device=device).set_(flat.untyped_storage(), flat.storage_offset(),
+                                                                 shape, strides)
+    return flat.as_strided(shape, strides)
 
 
 def empty_like(t: torch.Tensor) -> torch.Tensor:

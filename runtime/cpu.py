@@ -37,7 +37,7 @@ from .batchnorm import step_backward, step_statistics, update_running_stats  # n
 # ``cpu.kernel_source``, ``cpu.sparse_conv_source``, ``cpu._HTYPE``...).
 from .cbuild import _library, compiler_available  # noqa: F401
 from .cpu_source import (_BLOCK, _CTYPE, _HTYPE, bits_source, kernel_source, sparse_block,  # noqa: F401
-                         sparse_conv_source)
+                         sparse_conv_source, table_conv_source)
 
 __all__ = ["supports", "c_scan", "c_bn_scan", "update_running_stats", "kernel_source", "compiler_available",
            "pool_geometry", "CACHE_DIR"]
@@ -71,6 +71,16 @@ def sparse_conv_library(cout: int) -> Any:
     if not getattr(lib, "_snncc_typed", False):
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.sconv2d_fwd.argtypes = [ptr, ptr, ptr, ptr] + [i64] * 13 + [cint]
+        lib._snncc_typed = True
+    return lib
+
+
+def table_conv_library(cout: int) -> Any:
+    """The compiled table-lookup spike-input convolution for ``cout`` output channels."""
+    lib = _library(table_conv_source(sparse_block(cout)))
+    if not getattr(lib, "_snncc_typed", False):
+        i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.tconv2d_fwd.argtypes = [ptr, ptr, ptr, ptr] + [i64] * 13 + [cint]
         lib._snncc_typed = True
     return lib
 

@@ -103,51 +103,70 @@ def unpack_spikes(bits: torch.Tensor, shape: Tuple[int, ...], stride: Tuple[int,
 SPARSE_DENSITY = float(os.environ.get("SNNCC_SPARSE_DENSITY", "0.15"))
 
 
+#: the pattern table of a conv is 4x its weights (16 patterns per 4 input channels); it is rebuilt after every
+#: weight update, so the table path is only offered below this size (a 128 -> 128 3x3 conv: 2.4 MB)
+TABLE_MAX_BYTES = 16 << 20
+
+
 class _SparseChoice:
-    """Spike-driven or dense, by measurement: per layer geometry, the second eligible call times both paths
-    once (the first warms them: the spike-driven kernel is compiled on first use), and from then on the
-    spike-driven path runs when ``ones x its measured time per spike`` is below the dense time.
+    """Dense, spike-driven or table lookup, by measurement: per layer geometry, the second eligible call
+    times each available path once (the first warms them: the C kernels are compiled on first use), and
+    from then on the cheapest runs: the dense and table paths at their measured time, the spike-driven one
+    at ``ones x its measured time per spike``.
 
     NOTE: a fixed density threshold was wrong by a wide margin for small channel counts: at 10% firing,
     16 -> 32 channels, 3x3 on 16x16 the spike-driven conv took 6 ms where oneDNN's dense one took 2.5 ms
     (SEW-ResNet, 2-core CPU), and its win at large Cout is as real. The result is the same either way to
-    float32 rounding (summation order); ``SNNCC_SPARSE=always|never`` pins the choice.
+    float32 rounding (summation order); ``SNNCC_SPARSE=always|table|never`` pins the choice (``always``:
+    the spike-driven path wherever it is offered).
     """
 
     def __init__(self, clock: Any = time.perf_counter) -> None:
         self.clock = clock
         self.seen: Dict[Tuple[Any, ...], int] = {}
-        self.cost: Dict[Tuple[Any, ...], Tuple[float, float]] = {}     # key -> (dense ms, sparse ms per spike)
-        self.last_sparse = False
+        #: key -> {path: measured ms ("sparse": ms per spike)}
+        self.cost: Dict[Tuple[Any, ...], Dict[str, float]] = {}
+        self.last_path = "dense"
 
-    def run(self, key: Tuple[Any, ...], ones: int, dense: Any, sparse: Any) -> torch.Tensor:
-        """The result of the path chosen for ``key``; ``self.last_sparse`` says whether it is the
-        spike-driven one (a recomputation in backward must take the same path to be bit-identical)."""
-        y, self.last_sparse = self._run(key, ones, dense, sparse)
+    @property
+    def last_sparse(self) -> bool:
+        """Whether the last call ran a path computed from the bits (spike-driven or table)."""
+        return self.last_path != "dense"
+
+    def run(self, key: Tuple[Any, ...], ones: int, dense: Any, sparse: Any = None, table: Any = None) -> torch.Tensor:
+        """The result of the path chosen for ``key`` among those given (``sparse``/``table`` None: not
+        offered); ``self.last_path`` names it (a recomputation in backward must take the same path to be
+        bit-identical)."""
+        y, self.last_path = self._run(key, ones, {"dense": dense, "sparse": sparse, "table": table})
         return y
 
-    def _run(self, key: Tuple[Any, ...], ones: int, dense: Any, sparse: Any) -> Tuple[torch.Tensor, bool]:
-        mode = os.environ.get("SNNCC_SPARSE", "auto")
-        if mode == "always":
-            return sparse(), True
-        if mode == "never":
-            return dense(), False
+    def _run(self, key: Tuple[Any, ...], ones: int, paths: Dict[str, Any]) -> Tuple[torch.Tensor, str]:
+        offered = {k: f for k, f in paths.items() if f is not None}
+        pinned = {"always": "sparse", "table": "table", "never": "dense"}.get(os.environ.get("SNNCC_SPARSE", "auto"))
+        if pinned in offered:
+            return offered[pinned](), pinned
         hit = self.cost.get(key)
         if hit is not None:
-            return (sparse(), True) if ones * hit[1] < hit[0] else (dense(), False)
+            est = {k: hit[k] * (max(ones, 1) if k == "sparse" else 1) for k in offered if k in hit}
+            best = min(est, key=est.__getitem__) if est else "dense"
+            return offered[best](), best
         n = self.seen[key] = self.seen.get(key, 0) + 1
-        if n == 1:                        # warm both paths; the dense result is returned
-            sparse()
-            return dense(), False
-        t0 = self.clock()
-        y = dense()
-        t1 = self.clock()
-        sparse()
-        t2 = self.clock()
+        if n == 1:                        # warm every path; the dense result is returned
+            for k, f in offered.items():
+                if k != "dense":
+                    f()
+            return offered["dense"](), "dense"
+        costs: Dict[str, float] = {}
+        y = None
+        for k, f in offered.items():      # dense first: its result is returned
+            t0 = self.clock()
+            out = f()
+            costs[k] = (self.clock() - t0) / (max(ones, 1) if k == "sparse" else 1)
+            y = out if k == "dense" else y
         if len(self.cost) > 4096:         # many geometries (varying batch sizes): start over
             self.cost.clear()
-        self.cost[key] = (t1 - t0, (t2 - t1) / max(ones, 1))
-        return y, False
+        self.cost[key] = costs
+        return y, "dense"
 
 
 _CHOICE = _SparseChoice()
@@ -157,24 +176,27 @@ _LAST = threading.local()
 
 def _sparse_ok(x: torch.Tensor, weight: torch.Tensor, dilation: Tuple[int, ...], groups: int,
                padding: Any) -> bool:
-    """The spike-driven kernel's domain: CPU float32 2-d conv, channels-last input, Cin % 8 == 0."""
+    """The domain of the kernels computing a conv from its input's bits (spike-driven, table): CPU float32
+    2-d conv, channels-last input, Cin % 8 == 0, Cout % 8 == 0."""
     return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and groups == 1 and tuple(dilation) == (1, 1) and not isinstance(padding, str)
             and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
             and x.is_contiguous(memory_format=torch.channels_last) and _c_bits(x))
 
 
-def _sparse_conv2d(bits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _sparse_conv2d(bits: torch.Tensor, shape: Tuple[int, ...], weight: torch.Tensor, bias: Optional[torch.Tensor],
                    stride: Tuple[int, ...], padding: Tuple[int, ...]) -> torch.Tensor:
+    """``F.conv2d`` of spikes from their bits, work proportional to the spike count (``_sparse_ok``'s
+    domain); ``shape`` is the input's (the input itself is not read)."""
     from . import cpu
-    n, cin, h, w = x.shape
+    n, cin, h, w = shape
     cout, _, kh, kw = weight.shape
     sh, sw = stride
     ph, pw = padding
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     wt = _weight_layout(weight, "conv")                              # [KH][KW][Cin][Cout]
     b = None if bias is None else bias.detach().contiguous()
-    out = buffers.empty((n, cout, oh, ow), x.dtype, x.device, channels_last=True)
+    out = buffers.empty((n, cout, oh, ow), weight.dtype, weight.device, channels_last=True, own=True)
     cpu.sparse_conv_library(cout).sconv2d_fwd(bits.data_ptr(), wt.data_ptr(), None if b is None else b.data_ptr(),
                                           out.data_ptr(), n, h, w, cin, cout, kh, kw, sh, sw, ph, pw, oh, ow,
                                           torch.get_num_threads())
@@ -198,9 +220,60 @@ def _weight_layout(weight: torch.Tensor, kind: str) -> torch.Tensor:
     if hit is not None and hit[0]() is weight and hit[1] == stamp:
         return hit[2]
     w = weight.detach()
-    out = w.t().contiguous() if kind == "linear" else w.permute(2, 3, 1, 0).contiguous()
+    if kind == "linear":
+        out = w.t().contiguous()
+    elif kind == "table":
+        out = _pattern_table(w)
+    else:
+        out = w.permute(2, 3, 1, 0).contiguous()
     ref = weakref.ref(weight, lambda _r, key=key: _LAYOUTS.pop(key, None))
     _LAYOUTS[key] = (ref, stamp, out)
+    return out
+
+
+def _pattern_table(w: torch.Tensor) -> torch.Tensor:
+    """The table-lookup conv's weights (``cpu_source.table_conv_source``): for each output-channel block,
+    tap, group of 4 input channels and 4-bit spike pattern, the sum of the weight rows the pattern selects,
+    [Cout/COB][KH][KW][Cin/4][16][COB].
+
+    NOTE: pattern v's row is pattern (v without its lowest bit)'s row plus that bit's weight row, so every
+    sum is built in one fixed order (highest channel first) from the same float adds on every rebuild.
+    """
+    from .cpu_source import sparse_block
+    cout, cin, kh, kw = w.shape
+    cob = sparse_block(cout)
+    rows = w.permute(2, 3, 1, 0).reshape(kh, kw, cin // 4, 4, cout)
+    tab = w.new_zeros(kh, kw, cin // 4, 16, cout)
+    for v in range(1, 16):
+        low = v & -v
+        tab[:, :, :, v] = tab[:, :, :, v ^ low] + rows[:, :, :, low.bit_length() - 1]
+    return tab.view(kh, kw, cin // 4, 16, cout // cob, cob).permute(4, 0, 1, 2, 3, 5).contiguous()
+
+
+def _conv_path(path: str, bits: torch.Tensor, shape: Tuple[int, ...], weight: torch.Tensor,
+               bias: Optional[torch.Tensor], stride: Tuple[int, ...], padding: Tuple[int, ...]) -> Any:
+    """The conv from its input's bits by ``path`` ("sparse": spike lists, "table": pattern lookup), as a
+    thunk for ``_SparseChoice``."""
+    fn = _sparse_conv2d if path == "sparse" else _table_conv2d
+    return lambda: fn(bits, tuple(shape), weight, bias, tuple(stride), tuple(padding))
+
+
+def _table_conv2d(bits: torch.Tensor, shape: Tuple[int, ...], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  stride: Tuple[int, ...], padding: Tuple[int, ...]) -> torch.Tensor:
+    """``F.conv2d`` of spikes from their bits by 4-channel table lookup (``_sparse_ok``'s domain); ``shape``
+    is the input's."""
+    from . import cpu
+    n, cin, h, w = shape
+    cout, _, kh, kw = weight.shape
+    sh, sw = stride
+    ph, pw = padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    tab = _weight_layout(weight, "table")
+    b = None if bias is None else bias.detach().contiguous()
+    out = buffers.empty((n, cout, oh, ow), weight.dtype, weight.device, channels_last=True, own=True)
+    cpu.table_conv_library(cout).tconv2d_fwd(bits.data_ptr(), tab.data_ptr(), None if b is None else b.data_ptr(),
+                                             out.data_ptr(), n, h, w, cin, cout, kh, kw, sh, sw, ph, pw, oh, ow,
+                                             torch.get_num_threads())
     return out
 
 
@@ -209,25 +282,27 @@ def _sparse_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.shape[-1] % 8 == 0 and weight.shape[0] % 8 == 0 and x.is_contiguous() and _c_bits(x))
 
 
-def _sparse_linear(bits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+def _sparse_linear(bits: torch.Tensor, shape: Tuple[int, ...], weight: torch.Tensor,
                    bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear`` of spikes from their bits: the spike-driven conv on 1x1 'images'."""
+    """``F.linear`` of spikes from their bits (input ``shape``): the spike-driven conv on 1x1 'images'."""
     from . import cpu
     fin, fout = weight.shape[1], weight.shape[0]
-    rows = x.numel() // fin
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
     wt = _weight_layout(weight, "linear")                           # [Cin][Cout]
     b = None if bias is None else bias.detach().contiguous()
-    out = buffers.empty((rows, fout), x.dtype, x.device)
+    out = buffers.empty((*shape[:-1], fout), weight.dtype, weight.device, own=True)   # rows x fout, no view
     cpu.sparse_conv_library(fout).sconv2d_fwd(bits.data_ptr(), wt.data_ptr(), None if b is None else b.data_ptr(),
                                               out.data_ptr(), rows, 1, 1, fin, fout, 1, 1, 1, 1, 0, 0, 1, 1,
                                               torch.get_num_threads())
-    return out.view(*x.shape[:-1], fout)
+    return out
 
 
 class _PackedConv(torch.autograd.Function):
-    """A convolution of spikes: input kept as bits for backward; on CPU, when the spikes are sparse enough,
-    the forward itself is computed from the bits (``cpu_source.sparse_conv_source``), work proportional to the
-    number of spikes."""
+    """A convolution of spikes: input kept as bits for backward; on CPU the forward itself may be computed
+    from the bits, where measured faster (``_SparseChoice``): spike-driven (``cpu_source.sparse_conv_source``,
+    work proportional to the number of spikes) or by pattern-table lookup (``table_conv_source``)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -239,15 +314,17 @@ class _PackedConv(torch.autograd.Function):
 
         def dense() -> torch.Tensor:
             return fn(x, weight, bias, stride, padding, dilation, groups)
-        sparse = False
-        if bits is not None and _sparse_ok(x, weight, dilation, groups, padding) and \
-                ones <= SPARSE_DENSITY * x.numel():
+        path = "dense"
+        if bits is not None and _sparse_ok(x, weight, dilation, groups, padding):
             key = ("conv", tuple(x.shape), tuple(weight.shape), tuple(stride), pad2, torch.get_num_threads())
-            y = _CHOICE.run(key, ones, dense, lambda: _sparse_conv2d(bits, x, weight, bias, tuple(stride), pad2))
-            sparse = _CHOICE.last_sparse
+            y = _CHOICE.run(key, ones, dense, _conv_path("sparse", bits, x.shape, weight, bias, stride, pad2)
+                            if ones <= SPARSE_DENSITY * x.numel() else None,
+                            _conv_path("table", bits, x.shape, weight, bias, stride, pad2)
+                            if weight.numel() * 16 <= TABLE_MAX_BYTES else None)
+            path = _CHOICE.last_path
         else:
             y = dense()
-        _LAST.value = (bits, sparse)
+        _LAST.value = (bits, path)
         keep = ctx.needs_input_grad[1] or ctx.needs_input_grad[0]
         ctx.meta = (tuple(x.shape), x.stride(), x.dtype, bits is not None, bias is not None,
                     stride, padding, dilation, groups)
@@ -282,12 +359,12 @@ class _PackedLinear(torch.autograd.Function):
         if bits is not None and _sparse_linear_ok(x, weight) and ones <= SPARSE_DENSITY * x.numel():
             key = ("linear", tuple(x.shape), tuple(weight.shape), torch.get_num_threads())
             y = _CHOICE.run(key, ones, lambda: F.linear(x, weight, bias),
-                            lambda: _sparse_linear(bits, x, weight, bias))
-            sparse = _CHOICE.last_sparse
+                            lambda: _sparse_linear(bits, tuple(x.shape), weight, bias))
+            path = _CHOICE.last_path
         else:
             y = F.linear(x, weight, bias)
-            sparse = False
-        _LAST.value = (bits, sparse)
+            path = "dense"
+        _LAST.value = (bits, path)
         ctx.meta = (tuple(x.shape), x.stride(), x.dtype, bits is not None)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             ctx.save_for_backward(bits if bits is not None else x, weight)
@@ -313,42 +390,42 @@ def packed_conv(m: torch.nn.Module, x: torch.Tensor, weight: Optional[torch.Tens
     w = m.weight if weight is None else weight
     b = m.bias if weight is None else bias
     y = _PackedConv.apply(x, w, b, m.stride, m.padding, m.dilation, m.groups)
-    bits, sparse = getattr(_LAST, "value", (None, False))
-    _LAST.value = (None, False)
+    bits, path = getattr(_LAST, "value", (None, "dense"))
+    _LAST.value = (None, "dense")
     if source is not None and bits is not None and torch.is_grad_enabled():
-        _conv_source(y, m, x, w, b, bits, sparse, source)
+        _conv_source(y, m, x, w, b, bits, path, source)
     return y
 
 
 def _conv_source(y: torch.Tensor, m: torch.nn.Module, x: torch.Tensor, w: torch.Tensor,
-                 b: Optional[torch.Tensor], bits: torch.Tensor, sparse: bool, task: str) -> None:
-    """Mark ``y = conv(x)`` as recomputable from ``x``'s bits by the path the forward took."""
+                 b: Optional[torch.Tensor], bits: torch.Tensor, path: str, task: str) -> None:
+    """Mark ``y = conv(x)`` as recomputable from ``x``'s bits by the path the forward took (``path``)."""
     from .recompute import attach_source
     shape, strides, dtype = tuple(x.shape), x.stride(), x.dtype
     stride, padding, dilation, groups = m.stride, m.padding, m.dilation, m.groups
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
 
     def again(bits: torch.Tensor, w: torch.Tensor, *b: torch.Tensor) -> torch.Tensor:
-        xs = unpack_spikes(bits, shape, strides, dtype)
         bias = b[0] if b else None
-        if sparse:
-            return _sparse_conv2d(bits, xs, w, bias, tuple(stride), tuple(padding))
-        return fn(xs, w, bias, stride, padding, dilation, groups)
+        if path != "dense":            # from the bits directly: no float copy of the input
+            return _conv_path(path, bits, shape, w, bias, stride, padding)()
+        return fn(unpack_spikes(bits, shape, strides, dtype), w, bias, stride, padding, dilation, groups)
     attach_source(y, again, (bits, w) + (() if b is None else (b,)), f"convolution '{task}'", task)
 
 
 def packed_linear(m: torch.nn.Module, x: torch.Tensor, source: Optional[str] = None) -> torch.Tensor:
     """``m(x)`` for a Linear, keeping a spike input as bits for backward (``source``: as for packed_conv)."""
     y = _PackedLinear.apply(x, m.weight, m.bias)
-    bits, sparse = getattr(_LAST, "value", (None, False))
-    _LAST.value = (None, False)
+    bits, path = getattr(_LAST, "value", (None, "dense"))
+    _LAST.value = (None, "dense")
     if source is not None and bits is not None and torch.is_grad_enabled():
         from .recompute import attach_source
         shape, strides, dtype, w, b = tuple(x.shape), x.stride(), x.dtype, m.weight, m.bias
 
         def again(bits: torch.Tensor, w: torch.Tensor, *b: torch.Tensor) -> torch.Tensor:
-            xs = unpack_spikes(bits, shape, strides, dtype)
             bias = b[0] if b else None
-            return _sparse_linear(bits, xs, w, bias) if sparse else F.linear(xs, w, bias)
+            if path != "dense":
+                return _sparse_linear(bits, shape, w, bias)
+            return F.linear(unpack_spikes(bits, shape, strides, dtype), w, bias)
         attach_source(y, again, (bits, w) + (() if b is None else (b,)), f"linear '{source}'", source)
     return y

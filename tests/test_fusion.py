@@ -348,6 +348,48 @@ def test_sparse_conv_equals_dense(stride, padding, k, density, monkeypatch):
     _same_as_dense(lambda t: packed_conv(conv, t), conv, x, tol=1e-4)
 
 
+@pytest.mark.parametrize("stride,padding,k,cin,cout", [(1, 1, 3, 16, 24), (2, 1, 3, 8, 8), (1, 0, 1, 32, 64),
+                                                    (2, 2, 5, 24, 16), (1, (1, 2), (3, 5), 16, 128)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_table_conv_equals_dense(stride, padding, k, cin, cout, density, monkeypatch):
+    """Table-lookup forward (4-channel spike patterns) == F.conv2d to float tolerance at any density, with
+    and without bias; backward as the dense conv."""
+    monkeypatch.setenv("SNNCC_SPARSE", "table")
+    from snncc.runtime import packed
+    torch.manual_seed(0)
+    x = (torch.rand(3, cin, 9, 11) < density).float().contiguous(memory_format=torch.channels_last)
+    for bias in (True, False):
+        conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias)
+        _same_as_dense(lambda t: packed_conv(conv, t), conv, x, tol=1e-4)
+        with torch.no_grad():
+            packed_conv(conv, x)
+        assert packed._CHOICE.last_path == "table"
+
+
+def test_pattern_table_sums_the_selected_weight_rows():
+    """Row (tap, group, pattern v) of the table is the sum of the weights of the channels v's bits name."""
+    from snncc.runtime import packed
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 2, dtype=torch.float64)
+    tab = packed._pattern_table(w)                   # [Cout/16][KH][KW][Cin/4][16][16]
+    assert tab.shape == (1, 3, 2, 2, 16, 16)
+    for v in (0, 1, 6, 9, 15):
+        chans = [b for b in range(4) if v >> b & 1]
+        want = sum((w[:, 4 + c, 2, 1] for c in chans), torch.zeros(16, dtype=w.dtype))
+        torch.testing.assert_close(tab[0, 2, 1, 1, v], want)
+
+
+def test_table_conv_sees_weight_updates(monkeypatch):
+    """The cached pattern table is rebuilt after an in-place weight update (an optimizer step)."""
+    monkeypatch.setenv("SNNCC_SPARSE", "table")
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    xc = (torch.rand(2, 8, 5, 5) < 0.3).float().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(packed_conv(conv, xc), conv(xc), rtol=1e-5, atol=1e-5)
+            conv.weight.mul_(-2.0)
+
+
 def test_sparse_conv_is_used_only_when_sparse(monkeypatch):
     monkeypatch.setenv("SNNCC_SPARSE", "always")   # the spike-driven kernel itself, not the measured choice
     from snncc.runtime import packed
@@ -565,12 +607,29 @@ def test_sparse_choice_follows_the_measured_costs(monkeypatch):
     assert choice.run("k", 100, dense, sparse) == "dense" and ran == ["sparse", "dense"]
     ran.clear()
     assert choice.run("k", 100, dense, sparse) == "dense" and ran == ["dense", "sparse"]
-    assert choice.cost["k"] == (2.0, 0.005)
+    assert choice.cost["k"] == {"dense": 2.0, "sparse": 0.005}
     ran.clear()
     assert choice.run("k", 100, dense, sparse) == "sparse" and ran == ["sparse"]
+    assert choice.last_path == "sparse" and choice.last_sparse
     assert choice.run("k", 399, dense, sparse) == "sparse"          # 1.995 < 2.0
     assert choice.run("k", 401, dense, sparse) == "dense"           # denser than the break-even point
+    assert choice.last_path == "dense" and not choice.last_sparse
+    assert choice.run("k", 401, dense, None) == "dense"             # spike-driven not offered (too dense)
+    # a third path at a fixed cost: cheapest of the three by the measured costs
+    table = path("table", 1.0)
+    ran.clear()
+    assert choice.run("t", 100, dense, sparse, table) == "dense" and ran == ["sparse", "table", "dense"]
+    ran.clear()
+    assert choice.run("t", 100, dense, sparse, table) == "dense" and ran == ["dense", "sparse", "table"]
+    assert choice.cost["t"] == {"dense": 2.0, "sparse": 0.005, "table": 1.0}
+    assert choice.run("t", 100, dense, sparse, table) == "sparse"   # 0.5 < 1.0 < 2.0
+    assert choice.run("t", 300, dense, sparse, table) == "table"    # 1.5 > 1.0
+    assert choice.last_path == "table"
+    assert choice.run("t", 300, dense, None, table) == "table"
     monkeypatch.setenv("SNNCC_SPARSE", "never")
     assert choice.run("k", 1, dense, sparse) == "dense"
+    monkeypatch.setenv("SNNCC_SPARSE", "table")
+    assert choice.run("t", 1, dense, sparse, table) == "table"
+    assert choice.run("k", 1, dense, sparse) == "sparse"            # no table offered: the measured choice
     monkeypatch.setenv("SNNCC_SPARSE", "always")
     assert choice.run("k", 10 ** 6, dense, sparse) == "sparse"

@@ -63,12 +63,16 @@ def _sources(cm):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("sparse", ["never", "always"])
+@pytest.mark.parametrize("sparse", ["never", "always", "table"])
 def test_min_recomputes_inputs_from_their_producers_bit_identically(dtype, sparse, monkeypatch):
     """memory='min': every neuron layer fed by a conv/linear keeps no input (keep "source"); outputs and
     every gradient equal memory='max' bit for bit (the same kernels on the same values), in float32 too,
-    whether the convs run dense or spike-driven; it keeps less than recomputing from the kept input."""
+    whether the convs run dense, spike-driven or by table lookup (both from the bits, into pooled buffers:
+    a regression, the recipe was not found through a pooled output's views); it keeps less than
+    recomputing from the kept input."""
     monkeypatch.setenv("SNNCC_SPARSE", sparse)
+    from snncc.runtime import packed
+    monkeypatch.setattr(packed, "SPARSE_DENSITY", 1.0)   # "always": spike lists for every spike conv
     torch.manual_seed(0)
     m = TwoConvNet().to(dtype)
     x = torch.rand(8, 2, 32, 32, dtype=dtype)
@@ -190,3 +194,21 @@ def test_default_reruns_a_producer_only_within_budget_and_when_worth_it():
     # unmeasured producer: never planned by the default
     assert plan_memory([_scan("a_t0", 1 << 20, broadcast=True, source="conv_a")], "default", CAL,
                        1e9).layers[0].keep == "input"
+
+
+def test_own_pooled_buffer_is_the_base_of_its_views():
+    """``buffers.empty(own=True)``: views of it name it as their ``_base`` (where a recipe is attached), and
+    the pool still hands its memory out again only once nothing uses it."""
+    from snncc.runtime import buffers
+    y = buffers.empty((4, 8, 6, 6), torch.float32, torch.device("cpu"), channels_last=True, own=True)
+    assert y._base is None and y.is_contiguous(memory_format=torch.channels_last)
+    v = y.view(2, 2, 8, 6, 6)
+    assert v._base is y
+    ptr = y.untyped_storage().data_ptr()
+    del y
+    z = buffers.empty((4, 8, 6, 6), torch.float32, torch.device("cpu"), channels_last=True, own=True)
+    assert z.untyped_storage().data_ptr() != ptr          # still in use through the view
+    del v, z
+    w = buffers.empty((4, 8, 6, 6), torch.float32, torch.device("cpu"), channels_last=True, own=True)
+    w2 = buffers.empty((4, 8, 6, 6), torch.float32, torch.device("cpu"), channels_last=True, own=True)
+    assert ptr in (w.untyped_storage().data_ptr(), w2.untyped_storage().data_ptr())   # free again: reused
