@@ -254,7 +254,9 @@ class Executor:
     def _input_source(self, task: Task, xs: torch.Tensor) -> Any:
         """The Source the scan of ``task`` saves its input as (None: it keeps the input), per the plan."""
         mode = self.options.memory
-        if mode == "min" or (mode == "default" and self._plan is not None and self._plan.from_source(task.name)):
+        # NOTE: "min" recomputes from the producer until its plan is measured (the least memory meanwhile)
+        if (mode == "min" and (self._plan is None or self._plan.from_source(task.name))) or \
+                (mode == "default" and self._plan is not None and self._plan.from_source(task.name)):
             return source_of(xs) if self._sources_on(xs) else None
         return None
 
@@ -728,7 +730,7 @@ class Executor:
             self._fwd_us.append((time.perf_counter() - t0) * 1e6)
             if self._device is None:
                 self._device = first.device
-            if self.options.memory == "default" and self._scans:
+            if self.options.memory in ("default", "min") and self._scans:
                 self._plan = self._make_plan()
         return out
 

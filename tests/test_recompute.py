@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -73,6 +74,8 @@ def test_min_recomputes_inputs_from_their_producers_bit_identically(dtype, spars
     monkeypatch.setenv("SNNCC_SPARSE", sparse)
     from snncc.runtime import packed
     monkeypatch.setattr(packed, "SPARSE_DENSITY", 1.0)   # "always": spike lists for every spike conv
+    # every producer rerun, even the fc's (measured, it saves a kilobyte: min would keep that input)
+    monkeypatch.setattr(sys.modules["snncc.passes.plan_memory"], "MIN_RATE_MIN", 0.0)
     torch.manual_seed(0)
     m = TwoConvNet().to(dtype)
     x = torch.rand(8, 2, 32, 32, dtype=dtype)
@@ -103,6 +106,7 @@ def test_min_recomputes_inputs_from_their_producers_bit_identically(dtype, spars
 def test_the_recomputed_tensor_replaces_the_saved_input(monkeypatch):
     """The saved-tensor hook really replaces the scan's input (Source.hits), and a Source rerun is
     called once per replaced layer in backward."""
+    monkeypatch.setattr(sys.modules["snncc.passes.plan_memory"], "MIN_RATE_MIN", 0.0)   # every producer
     torch.manual_seed(0)
     m = TwoConvNet()
     x = torch.rand(8, 2, 32, 32)
@@ -178,6 +182,17 @@ def test_min_plans_source_where_there_is_a_producer():
     assert [p.keep for p in plan.layers] == ["source", "input"]
     assert plan.layers[0].kept_bytes == 0 and plan.from_source("a_t0") and not plan.from_source("b_t0")
     assert "1 with their input, from its producer" in plan.summary()
+
+
+def test_min_keeps_an_input_whose_producer_rerun_is_measured_not_worth_it():
+    """memory='min' reruns a measured producer unless that saves under 1 MiB per 10 ms (seed 001's fc1:
+    2.7 ms for 0.13 MiB); unmeasured, it reruns (the least memory)."""
+    conv = _scan("a_t0", 1 << 20, source="conv_a", source_us=10000.0)     # 4 MiB input for 10 ms: rerun
+    fc = _scan("b_t0", 1 << 12, source="fc_b", source_us=2700.0)          # 16 KiB for 2.7 ms: kept
+    plan = plan_memory([conv, fc, _scan("c_t0", 1 << 12, source="fc_c")], "min", CAL)
+    assert [p.keep for p in plan.layers] == ["source", "input", "source"]
+    assert "under 1 MiB per 10 ms" in plan.layers[1].why and "'fc_b'" in plan.layers[1].why
+    assert plan.layers[1].kept_bytes == fc.kept_bytes("input") > 0
 
 
 def test_default_reruns_a_producer_only_within_budget_and_when_worth_it():
