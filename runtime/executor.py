@@ -26,6 +26,7 @@ from .batchnorm import batch_norm_steps
 from .cpu import c_bn_scan, can_rerun as cpu_can_rerun, supports as cpu_supports
 from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
+from .maxpool import pool_kk
 from .recompute import attach_source, saving_as_source, source_of
 from .dispatch import lifted_neuron_scan, neuron_scan, recurrent_cell_scan
 from snncc.lift import _set_state
@@ -585,7 +586,9 @@ class Executor:
         if pool is not None:
             pm = self.modules[pool.module]
             if out.dim() == 5:
-                pooled = pm(out.flatten(0, 1))
+                flat = out.flatten(0, 1)
+                pooled = pool_kk(pm, flat)            # the C pool: 1-byte offsets, the scan's layout
+                pooled = pm(flat) if pooled is None else pooled
                 out = pooled.view(K, out.shape[1], *pooled.shape[1:])
             else:
                 out = torch.stack([pm(o) for o in out])
