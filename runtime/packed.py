@@ -170,7 +170,7 @@ class _SparseChoice:
 
 
 _CHOICE = _SparseChoice()
-#: what the last packed conv/linear forward ran on this thread: (its input's bits or None, spike-driven?)
+#: what the last packed conv/linear forward ran on this thread: (its input's bits or None, the path taken)
 _LAST = threading.local()
 
 

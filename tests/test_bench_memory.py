@@ -25,7 +25,7 @@ def test_tiny_run(tmp_path, monkeypatch, capsys):
                              "--budget-mib", "10000", "--json", str(out)])
     text = capsys.readouterr().out
     assert "largest" in text and "buffer pool off" in text
-    assert set(res["results"]) == {"eager", "snncc max", "snncc default", "snncc min"}
+    assert set(res["results"]) == {"eager", "spikingjelly multi-step", "snncc max", "snncc default", "snncc min"}
     for name, per_batch in res["results"].items():
         assert list(per_batch) == [2, 3]
         for r in per_batch.values():
@@ -43,3 +43,16 @@ def test_tiny_run(tmp_path, monkeypatch, capsys):
     assert r["snncc min"]["plan"] and all(v in ("input", "source") for v in r["snncc min"]["plan"].values())
     assert "source" in r["snncc min"]["plan"].values()
     assert json.loads(out.read_text())["largest_batch"] == res["largest_batch"]
+
+
+def test_spikingjelly_multistep_variant_is_the_same_model():
+    """The multi-step variant computes the eager CSNN's output (same weights, another execution mode)."""
+    import torch
+    from examples.csnn import BasicCSNN
+    from snncc.tools import bench_memory
+    torch.manual_seed(0)
+    base = BasicCSNN(T=3)
+    x = torch.randn(2, 3, 32, 32)
+    ms = bench_memory.SJMultiStep(base)
+    torch.testing.assert_close(ms(x), base(x), rtol=1e-5, atol=1e-6)
+    assert not any(p1 is p2 for p1, p2 in zip(ms.parameters(), base.parameters()))    # a copy

@@ -1,7 +1,7 @@
 """Benchmark: the peak memory of one training step of seed 001's CSNN, per variant and batch size, and the
 largest batch each variant trains within a memory budget.
 
-Variants: the eager loop, and ``snncc.compile`` with ``memory="max"`` (H and spike bits kept for every
+Variants: the eager loop, SpikingJelly's multi-step mode of the same layers, and ``snncc.compile`` with ``memory="max"`` (H and spike bits kept for every
 layer), the default plan (passes/plan_memory.py, measured on its first training steps at each batch
 size) and ``memory="min"``. The model's weights are scaled once (tools/_rates.py, at ``--calib-batch``)
 so that every neuron layer fires about ``--rate`` (10%); the rates are printed.
@@ -43,6 +43,7 @@ from tools._memory import peak_bytes, saved_bytes  # noqa: E402
 #: variant -> snncc.compile options (None: the eager loop)
 VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     "eager": None,
+    "spikingjelly multi-step": None,
     "snncc max": {"memory": "max"},
     "snncc default": {},
     "snncc min": {"memory": "min"},
@@ -66,6 +67,37 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     opt.step()
 
 
+class SJMultiStep(nn.Module):
+    """The CSNN in SpikingJelly's own multi-step mode (``tools/prof.py``'s conversion: stateless layers in
+    ``SeqToANNContainer``, neurons ``step_mode='m'``, their default backend): the static input repeated
+    over T, the mean of the T outputs, as ``BasicCSNN.forward``."""
+
+    def __init__(self, csnn: nn.Module) -> None:
+        super().__init__()
+        import logging
+        from tools.prof import _to_multistep
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)           # set_step_mode warns about every plain layer it wraps
+        try:
+            self.net = _to_multistep(copy.deepcopy(csnn.net))
+        finally:
+            root.setLevel(level)
+        self.T = csnn.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from spikingjelly.activation_based import functional
+        functional.reset_net(self.net)
+        return self.net(x.unsqueeze(0).repeat(self.T, *([1] * x.dim()))).mean(0)
+
+
+def _build(base: nn.Module, name: str) -> nn.Module:
+    opts = VARIANTS[name]
+    if name == "spikingjelly multi-step":
+        return SJMultiStep(base)
+    return copy.deepcopy(base) if opts is None else snncc.compile(copy.deepcopy(base), **opts)
+
+
 def measure(base: nn.Module, name: str, batch: int, T: int, warmup: int = 3) -> Dict[str, float]:
     """Saved and peak bytes (MiB) of one training step of variant ``name`` at ``batch``."""
     torch.manual_seed(1)
@@ -73,7 +105,7 @@ def measure(base: nn.Module, name: str, batch: int, T: int, warmup: int = 3) -> 
     y = torch.randint(0, 10, (batch,))
     opts = VARIANTS[name]
     buffers.clear()                  # nothing pooled from an earlier variant or batch size
-    model = copy.deepcopy(base) if opts is None else snncc.compile(copy.deepcopy(base), **opts)
+    model = _build(base, name)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     for _ in range(warmup):          # trace, kernels, Adam's state; the default plan is measured here
@@ -147,20 +179,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     shown = sorted({b for n in names for b in res[n]})
     print(f"\npeak MiB of one training step (saved for backward in brackets); '>' = over the {args.budget_mib:.0f} "
           "MiB budget, '' = not measured")
-    print(f"{'batch':>6}" + "".join(f"{n:>22}" for n in names))
+    wd = max([22] + [len(n) + 2 for n in names])     # column width: the longest variant name fits
+    print(f"{'batch':>6}" + "".join(f"{n:>{wd}}" for n in names))
     for b in shown:
         cells = []
         for n in names:
             r = res[n].get(b)
             cells.append("" if r is None else f"{'>' if r['peak_mib'] > args.budget_mib else ''}"
                          f"{r['peak_mib']:.0f} ({r['saved_mib']:.0f})")
-        print(f"{b:>6}" + "".join(f"{c:>22}" for c in cells))
+        print(f"{b:>6}" + "".join(f"{c:>{wd}}" for c in cells))
     ref = largest.get("eager") or None
     capped = {n: not any(r["peak_mib"] > args.budget_mib for r in res[n].values()) for n in names}
-    print(f"{'largest':>6}" + "".join(f"{('>=' if capped[n] else '') + str(largest[n]):>22}" for n in names)
+    print(f"{'largest':>6}" + "".join(f"{('>=' if capped[n] else '') + str(largest[n]):>{wd}}" for n in names)
           + ("   ('>=': --max-batch reached within the budget)" if any(capped.values()) else ""))
     if ref:
-        print(f"{'vs eager':>6}" + "".join(f"{largest[n] / ref:>21.1f}x" for n in names))
+        print(f"{'vs eager':>6}" + "".join(f"{largest[n] / ref:>{wd - 1}.1f}x" for n in names))
     result = {"T": args.T, "budget_mib": args.budget_mib, "rates": rates, "results": res, "largest_batch": largest, "largest_is_lower_bound": capped,
               "pool": args.pool, "torch": torch.__version__, "date": str(datetime.date.today()), "machine": platform.machine(),
               "threads": torch.get_num_threads()}
