@@ -80,6 +80,32 @@ class Lifted:
         from .neuron_ir import binary_values
         return all(o in binary_values(ir) for ir in (self.first, self.steady) for o in ir.outputs)
 
+    def binary_output_for(self, m: nn.Module) -> bool:
+        """``binary_output``, also counting as 0/1 the parameters of ``m`` that are small persistent
+        buffers holding only 0 and 1 (snnTorch's ``graded_spikes_factor``, 1.0 unless learned: its output
+        is ``spike * graded_spikes_factor``).
+
+        NOTE: only such buffers: their values are part of the module's recognition key
+        (``recognize.config_key``), so a new value re-specializes; a Parameter's values are not."""
+        from .neuron_ir import binary_values
+        ones = frozenset(name for name, path in zip(self.steady.params, self.param_attrs)
+                         if _binary_buffer(m, path))
+        return all(o in binary_values(ir, ones) for ir in (self.first, self.steady) for o in ir.outputs)
+
+
+def _binary_buffer(m: nn.Module, path: str) -> bool:
+    """``path`` names a persistent buffer of <= 16 elements, no grad, every value 0 or 1."""
+    owner_path, _, leaf = path.rpartition(".")
+    try:
+        owner = m.get_submodule(owner_path) if owner_path else m
+    except AttributeError:
+        return False
+    b = owner._buffers.get(leaf)
+    if b is None or leaf in getattr(owner, "_non_persistent_buffers_set", ()) or b.requires_grad or b.numel() > 16:
+        return False
+    v = b.detach().cpu()
+    return bool(((v == 0) | (v == 1)).all())
+
 
 # ----------------------------------------------------------------------------- module attributes
 _MISSING = object()

@@ -116,9 +116,10 @@ def used_values(ir: NeuronIR) -> frozenset:
     return frozenset(used)
 
 
-def binary_values(ir: NeuronIR) -> frozenset:
-    """Values that can only be 0 or 1: spikes, comparisons and their casts/copies/products (bit-packing)."""
-    out = set()
+def binary_values(ir: NeuronIR, binary_params: frozenset = frozenset()) -> frozenset:
+    """Values that can only be 0 or 1: spikes, comparisons and their casts/copies/products (bit-packing).
+    ``binary_params``: parameters known to hold only 0/1 (a product with one stays binary)."""
+    out = set(binary_params)
     for o in ir.ops:
         if o.op in ("spike",) + COMPARE + ("logical_not", "logical_and", "logical_or", "logical_xor"):
             out.add(o.out)
@@ -126,7 +127,7 @@ def binary_values(ir: NeuronIR) -> frozenset:
             out.add(o.out)
         elif o.op == "mul" and all((a in out) if isinstance(a, str) else a in (0, 1) for a in o.args):
             out.add(o.out)
-    return frozenset(out)
+    return frozenset(out - set(binary_params))
 
 
 # ----------------------------------------------------------------------------------------- interpreter

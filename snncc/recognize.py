@@ -187,7 +187,7 @@ def _recognize(m: nn.Module) -> Recognition:
     spec_b = _builtin(m, lifted)
     if spec_b is not None:
         return Recognition(NeuronBinding(spec_b[0], spec_b[1], lifted.state_attrs[0], steps))
-    return Recognition(NeuronBinding(None, lifted.param_attrs, None, steps, lifted.binary_output))
+    return Recognition(NeuronBinding(None, lifted.param_attrs, None, steps, lifted.binary_output_for(m)))
 
 
 # ----------------------------------------------------------------------------- built-in specs by behaviour
@@ -375,5 +375,5 @@ def _recurrent_binding(m: nn.Module, dtype: torch.dtype) -> Optional[Recognition
     except LiftFailure:
         return None
     steps = LiftedSteps(lifted, lambda mod, dt: lift_with_tap(mod, dt)[0])
-    return Recognition(NeuronBinding(None, lifted.param_attrs, None, steps, lifted.binary_output,
+    return Recognition(NeuronBinding(None, lifted.param_attrs, None, steps, lifted.binary_output_for(m),
                                      recurrent=found[0], tap=tap))

@@ -201,6 +201,23 @@ def test_snntorch_neurons_compile(variant):
     _check_golden(mk, torch.float32, exact=False)
 
 
+@pytest.mark.parametrize("graded,learn,binary", [(1.0, False, True), (2.0, False, False), (1.0, True, False)])
+def test_snntorch_spikes_are_binary_only_with_a_0_1_graded_factor_buffer(graded, learn, binary):
+    """snnTorch's output is ``spike * graded_spikes_factor``: binary (the next conv keeps its input as
+    bits) when that factor is a buffer holding 1.0 (its value is in the recognition key, so changing it
+    re-specializes), not when it is 2.0 or a learnable Parameter. Regression: a snnTorch net's conv after
+    a Leaky kept its float input and never took the spike-input convolutions."""
+    snn = pytest.importorskip("snntorch")
+    from snncc.recognize import config_key
+    m = snn.Leaky(beta=0.9, init_hidden=True, graded_spikes_factor=graded, learn_graded_spikes_factor=learn)
+    b = bind(m).binding
+    assert b is not None and b.how == "lifted" and b.binary == binary
+    if not learn:                 # the factor's value is part of the key
+        k0 = config_key(m)
+        m.graded_spikes_factor.fill_(3.0)
+        assert config_key(m) != k0 and bind(m).binding.binary is False
+
+
 def test_snntorch_output_tuple_runs_opaque_and_says_why():
     snn = pytest.importorskip("snntorch")
     m = snn.Leaky(beta=0.9, init_hidden=True, output=True)
