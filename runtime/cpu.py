@@ -65,24 +65,25 @@ def supports(spec: NeuronSpec, *tensors: Optional[torch.Tensor]) -> bool:
     return compiler_available()
 
 
-def sparse_conv_library(cout: int) -> Any:
-    """The compiled spike-input convolution for ``cout`` output channels (block ``sparse_block(cout)``)."""
-    lib = _library(sparse_conv_source(sparse_block(cout)))
+def _conv_from_bits_library(src: str, fn: str) -> Any:
+    """The compiled library of a spike-input convolution ``src`` whose entry point ``fn`` takes (bits,
+    weights, bias, out, 13 geometry int64s, threads)."""
+    lib = _library(src)
     if not getattr(lib, "_snncc_typed", False):
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.sconv2d_fwd.argtypes = [ptr, ptr, ptr, ptr] + [i64] * 13 + [cint]
+        getattr(lib, fn).argtypes = [ptr, ptr, ptr, ptr] + [i64] * 13 + [cint]
         lib._snncc_typed = True
     return lib
+
+
+def sparse_conv_library(cout: int) -> Any:
+    """The compiled spike-input convolution for ``cout`` output channels (block ``sparse_block(cout)``)."""
+    return _conv_from_bits_library(sparse_conv_source(sparse_block(cout)), "sconv2d_fwd")
 
 
 def table_conv_library(cout: int) -> Any:
     """The compiled table-lookup spike-input convolution for ``cout`` output channels."""
-    lib = _library(table_conv_source(sparse_block(cout)))
-    if not getattr(lib, "_snncc_typed", False):
-        i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.tconv2d_fwd.argtypes = [ptr, ptr, ptr, ptr] + [i64] * 13 + [cint]
-        lib._snncc_typed = True
-    return lib
+    return _conv_from_bits_library(table_conv_source(sparse_block(cout)), "tconv2d_fwd")
 
 
 def bits_library(dtype: torch.dtype) -> Any:

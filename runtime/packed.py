@@ -188,18 +188,27 @@ def _sparse_conv2d(bits: torch.Tensor, shape: Tuple[int, ...], weight: torch.Ten
                    stride: Tuple[int, ...], padding: Tuple[int, ...]) -> torch.Tensor:
     """``F.conv2d`` of spikes from their bits, work proportional to the spike count (``_sparse_ok``'s
     domain); ``shape`` is the input's (the input itself is not read)."""
+    return _conv2d_from_bits("sparse", bits, shape, weight, bias, stride, padding)
+
+
+def _conv2d_from_bits(kind: str, bits: torch.Tensor, shape: Tuple[int, ...], weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], stride: Tuple[int, ...], padding: Tuple[int, ...]) -> torch.Tensor:
+    """The conv of spikes given by their bits with kernel ``kind`` ("sparse": spike lists over the weights
+    as [KH][KW][Cin][Cout]; "table": pattern lookup); both kernels take the same arguments."""
     from . import cpu
     n, cin, h, w = shape
     cout, _, kh, kw = weight.shape
     sh, sw = stride
     ph, pw = padding
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    wt = _weight_layout(weight, "conv")                              # [KH][KW][Cin][Cout]
+    if kind == "sparse":
+        wt, fn = _weight_layout(weight, "conv"), cpu.sparse_conv_library(cout).sconv2d_fwd
+    else:
+        wt, fn = _weight_layout(weight, "table"), cpu.table_conv_library(cout).tconv2d_fwd
     b = None if bias is None else bias.detach().contiguous()
     out = buffers.empty((n, cout, oh, ow), weight.dtype, weight.device, channels_last=True, own=True)
-    cpu.sparse_conv_library(cout).sconv2d_fwd(bits.data_ptr(), wt.data_ptr(), None if b is None else b.data_ptr(),
-                                          out.data_ptr(), n, h, w, cin, cout, kh, kw, sh, sw, ph, pw, oh, ow,
-                                          torch.get_num_threads())
+    fn(bits.data_ptr(), wt.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(),
+       n, h, w, cin, cout, kh, kw, sh, sw, ph, pw, oh, ow, torch.get_num_threads())
     return out
 
 
@@ -262,19 +271,7 @@ def _table_conv2d(bits: torch.Tensor, shape: Tuple[int, ...], weight: torch.Tens
                   stride: Tuple[int, ...], padding: Tuple[int, ...]) -> torch.Tensor:
     """``F.conv2d`` of spikes from their bits by 4-channel table lookup (``_sparse_ok``'s domain); ``shape``
     is the input's."""
-    from . import cpu
-    n, cin, h, w = shape
-    cout, _, kh, kw = weight.shape
-    sh, sw = stride
-    ph, pw = padding
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    tab = _weight_layout(weight, "table")
-    b = None if bias is None else bias.detach().contiguous()
-    out = buffers.empty((n, cout, oh, ow), weight.dtype, weight.device, channels_last=True, own=True)
-    cpu.table_conv_library(cout).tconv2d_fwd(bits.data_ptr(), tab.data_ptr(), None if b is None else b.data_ptr(),
-                                             out.data_ptr(), n, h, w, cin, cout, kh, kw, sh, sw, ph, pw, oh, ow,
-                                             torch.get_num_threads())
-    return out
+    return _conv2d_from_bits("table", bits, shape, weight, bias, stride, padding)
 
 
 def _sparse_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -66,62 +66,26 @@ def test_tuple_kernel_and_stride_equal_are_taken():
     assert y is not None and torch.equal(y, F.max_pool2d(x, 2))
 
 
-class _Spike(torch.autograd.Function):
-    """Heaviside forward, fast-sigmoid backward (a user's own surrogate)."""
-
-    @staticmethod
-    def forward(ctx, z):
-        ctx.save_for_backward(z)
-        return (z >= 0).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (z,) = ctx.saved_tensors
-        return g / (1 + 10 * z.abs()) ** 2
-
-
-class _Neuron(nn.Module):
-    """A user's neuron (lifted and generated, not a built-in kind): its pool runs after the scan."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.decay = nn.Parameter(torch.full((channels, 1, 1), 1.0))
-        self.v = None
-
-    def reset(self) -> None:
-        self.v = None
-
-    def forward(self, x):
-        if self.v is None:
-            self.v = torch.zeros_like(x)
-        self.v = torch.sigmoid(self.decay) * self.v + x
-        s = _Spike.apply(self.v - 1.0)
-        self.v = self.v * (1.0 - s)
-        return s
-
-
-class _PoolNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(2, 8, 3, padding=1)
-        self.n1 = _Neuron(8)
-        self.p1 = nn.MaxPool2d(2)
-        self.fc = nn.Linear(8 * 5 * 5, 4)
-        with torch.no_grad():
-            self.c1.weight.mul_(4.0)
-
-    def forward(self, x):
-        return self.fc(self.p1(self.n1(self.c1(x))).flatten(1))
+def _user_neuron_net():
+    """The zoo's user-neuron net (``tools/bench_zoo.py``: a learnable-decay neuron, its own surrogate, a
+    max pool after each neuron) on 11x11 maps (odd: a remainder row and column at the first pool), driven
+    hard enough to fire."""
+    from snncc.tools.bench_zoo import CustomNeuronNet
+    net = CustomNeuronNet(8, 8, 11)
+    with torch.no_grad():
+        net.conv1.weight.mul_(4.0)
+        net.conv2.weight.mul_(4.0)
+    return net
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lifted_neurons_pool_runs_the_kernel_and_equals_eager(dtype, monkeypatch):
-    """Through the executor: a generated neuron's max pool (odd 11x11 maps: a remainder row and column)
-    runs the C pool, and training equals eager (float64: identical spikes)."""
+    """Through the executor: a generated neuron's max pool runs the C pool, and training equals eager
+    (float64: identical spikes)."""
     from conftest import assert_same_training
     from snncc.runtime import maxpool
     calls = []
     real = maxpool._PoolKK.apply
     monkeypatch.setattr(maxpool._PoolKK, "apply", lambda *a: calls.append(1) or real(*a))
-    assert_same_training(_PoolNet, torch.rand(3, 2, 11, 11), T=4, dtype=dtype, every_layer=False)
+    assert_same_training(_user_neuron_net, torch.rand(3, 3, 11, 11), T=4, dtype=dtype, every_layer=False)
     assert calls
