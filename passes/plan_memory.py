@@ -50,7 +50,7 @@ MIN_GAIN = 0.125
 MIN_RATE = 2 ** 20 / 1000
 #: memory="min" reruns a producer for a neuron layer's input unless, measured, that saves under this many
 #: bytes per microsecond (1 MiB per 10 ms): seed 001's fc1 (4096 -> 128) rerun took 2.7 ms, 4% of a step,
-#: to save 0.13 MiB, 0.06% of eager's saved bytes; kept, min is still 1/79 of eager
+#: to save 0.13 MiB, 0.06% of eager's saved bytes; kept, min is still 1/77 of eager
 MIN_RATE_MIN = MIN_RATE / 10
 
 

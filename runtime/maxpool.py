@@ -182,6 +182,13 @@ class _PoolKK(torch.autograd.Function):
         return gin, None
 
 
+def _single(v: Any) -> Optional[int]:
+    """An int, or a tuple of one repeated int, as that int; else None."""
+    if isinstance(v, int):
+        return v
+    return v[0] if isinstance(v, tuple) and len(set(v)) == 1 and isinstance(v[0], int) else None
+
+
 def pool_kk(pm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """``pm(x)`` by the C kernel when ``pm`` is a plain ``MaxPool2d`` with kernel == stride (no padding,
     dilation, ceil mode, indices or hooks) and ``x`` a dense 4-d CPU float32/float64 tensor; else None
@@ -189,14 +196,9 @@ def pool_kk(pm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     if type(pm) is not nn.MaxPool2d or pm._forward_hooks or pm._forward_pre_hooks or pm.return_indices \
             or pm.ceil_mode:
         return None
-    k = pm.kernel_size if isinstance(pm.kernel_size, int) else None
-    if isinstance(pm.kernel_size, tuple) and len(set(pm.kernel_size)) == 1:
-        k = pm.kernel_size[0]
-    stride = pm.stride if pm.stride is not None else pm.kernel_size
-    stride = stride if isinstance(stride, int) else (stride[0] if len(set(stride)) == 1 else None)
-    pad = pm.padding if isinstance(pm.padding, int) else (-1 if len(set(pm.padding)) != 1 else pm.padding[0])
-    dil = pm.dilation if isinstance(pm.dilation, int) else (-1 if len(set(pm.dilation)) != 1 else pm.dilation[0])
-    if k is None or k < 1 or k > 15 or stride != k or pad != 0 or dil != 1:
+    k = _single(pm.kernel_size)
+    stride = _single(pm.stride) if pm.stride is not None else k
+    if k is None or k < 1 or k > 15 or stride != k or _single(pm.padding) != 0 or _single(pm.dilation) != 1:
         return None
     if x.dim() != 4 or x.device.type != "cpu" or x.dtype not in _CT or _layout(x) is None \
             or x.shape[2] < k or x.shape[3] < k or x.numel() == 0:
