@@ -23,6 +23,7 @@ import torch
 from snncc.neurons import NeuronSpec
 from snncc.runtime.cuda.kernels import cuda_source, kernel_names
 from snncc.surrogate import KNOWN_SURROGATES, SurrogateSpec
+from conftest import NVCC_ARCHS
 
 CONFIGS = [v for v in itertools.product(["if", "lif", "plif"], [True, False], [0.0, 0.5, None], [False, True])
            if not (v[0] == "if" and not v[1])]
@@ -65,7 +66,7 @@ def test_every_variant_compiles_for_sm80_and_sm90(tmp_path):
     cu = tmp_path / "all_variants.cu"
     cu.write_text("".join(parts))
     cmd = ["nvcc", "-std=c++17", "-c", str(cu), "-o", str(tmp_path / "all.o"),
-           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+           *NVCC_ARCHS]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "error" not in r.stderr.lower()

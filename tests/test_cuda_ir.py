@@ -39,6 +39,7 @@ import cuda_emu
 from snncc.lift import Lifted, lift_neuron, run_lifted
 from snncc.neuron_ir import NeuronIR, interpret
 from snncc.runtime.cuda import ir_kernels, ir_scan, scan
+from conftest import NVCC_ARCHS
 
 requires_emu = pytest.mark.skipif(not cuda_emu.available(),
                                   reason="g++ not found: the CUDA emulator compiles the kernels as host C++")
@@ -492,7 +493,7 @@ def test_every_neuron_compiles_for_sm80_and_sm90(tmp_path):
     fmad = [o for o in NVRTC_OPTIONS if o.startswith("--fmad")]
     assert fmad == ["--fmad=false"]
     r = subprocess.run(["nvcc", "-std=c++17", *fmad, "-c", str(cu), "-o", str(tmp_path / "all.o"),
-                        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"],
+                        *NVCC_ARCHS],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "error" not in r.stderr.lower(), r.stderr[-4000:]

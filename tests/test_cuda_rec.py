@@ -50,6 +50,7 @@ from snncc.runtime import cpu_recurrent, reference
 from snncc.runtime.cbuild import compiler_available
 from snncc.runtime.cuda import ir_kernels, rec_kernels, rec_scan
 from snncc.surrogate import ATan
+from conftest import NVCC_ARCHS
 
 requires_emu = pytest.mark.skipif(not cuda_emu.available(),
                                   reason="g++ not found: the CUDA emulator compiles the kernels as host C++")
@@ -308,7 +309,7 @@ def test_every_cell_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
     fmad = [o for o in NVRTC_OPTIONS if o.startswith("--fmad")]
     assert fmad == ["--fmad=false"]
     r = subprocess.run(["nvcc", "-std=c++17", *fmad, "-c", str(cu), "-o", str(tmp_path / "all.o"),
-                        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"],
+                        *NVCC_ARCHS],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "error" not in r.stderr.lower(), r.stderr[-4000:]
     exact = [i for i, (name, _, _) in enumerate(_compile_variants()) if NEURONS[name][1]]
