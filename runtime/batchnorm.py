@@ -16,8 +16,13 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple
 
+import ctypes
+
 import torch
 from torch import nn
+
+from . import cbuild
+from .cpu_source import bn_backward_source
 
 __all__ = ["batch_norm_steps", "step_statistics", "step_backward", "update_running_stats"]
 
@@ -86,11 +91,14 @@ def step_backward(gy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
                                    invstd, eps, mask)
         return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(weight.dtype),
                 None if gb is None else gb)
+    w = None if weight is None else weight.detach().to(x.dtype)
+    gy = gy.to(x.dtype)
+    geometry = _c_geometry(x)
+    if geometry is not None:
+        return _c_step_backward(gy, x, w, mean, invstd, geometry, want_x, want_w, want_b)
     gx = torch.empty_like(x) if want_x else None
     gw: Optional[torch.Tensor] = None
     gb: Optional[torch.Tensor] = None
-    w = None if weight is None else weight.detach().to(x.dtype)
-    gy = gy.to(x.dtype)
     for k in range(x.shape[0]):
         a, b, c = torch.ops.aten.native_batch_norm_backward(gy[k], x[k], w, None, None, mean[k], invstd[k], True,
                                                             eps, [want_x, want_w, want_b])
@@ -100,6 +108,69 @@ def step_backward(gy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
             gw = b if gw is None else gw + b
         if want_b:
             gb = c if gb is None else gb + c
+    return gx, gw, gb
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether ``x``'s elements fill its storage span exactly once in some dimension order (no gaps, no
+    overlaps): then ``empty_like(x)`` has x's strides, which the C kernel writes the gradient at."""
+    expected = 1
+    for n, st in sorted(((n, st) for n, st in zip(x.shape, x.stride()) if n != 1), key=lambda d: d[1]):
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _c_geometry(x: torch.Tensor) -> Optional[Tuple[int, ...]]:
+    """(N, C, S, sk, sn, sc, ss) of ``x`` = [K, N, C, *spatial] as ``bn_backward_source`` reads it (the
+    spatial dims collapsed into one of S elements at stride ss), or None where the C kernel does not apply:
+    not a CPU float32/float64 tensor, no C compiler, or a layout with neither the channels nor the spatial
+    elements contiguous."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 3:
+        return None
+    if not _dense(x) or not cbuild.compiler_available():
+        return None
+    sizes, strides = x.shape[3:], x.stride()[3:]
+    S, ss = 1, 1
+    dims = [(n, st) for n, st in zip(sizes, strides) if n != 1]
+    for i, (n, st) in enumerate(dims):
+        if i + 1 < len(dims) and st != dims[i + 1][1] * dims[i + 1][0]:
+            return None                    # the spatial dims do not collapse into one stride
+        S *= n
+    if dims:
+        ss = dims[-1][1]
+    sc = x.stride(2) if x.shape[2] != 1 else 1
+    if sc != 1 and ss != 1:
+        return None
+    return (x.shape[1], x.shape[2], S, x.stride(0), x.stride(1), sc, ss)
+
+
+def _bn_library(dtype: torch.dtype) -> Any:
+    lib = cbuild._library(bn_backward_source(dtype))
+    if not getattr(lib, "_snncc_typed", False):
+        i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.bn_bwd.argtypes = [ptr] * 8 + [i64] * 8 + [cint]
+        lib._snncc_typed = True
+    return lib
+
+
+def _c_step_backward(gy: torch.Tensor, x: torch.Tensor, w: Optional[torch.Tensor], mean: torch.Tensor,
+                     invstd: torch.Tensor, geometry: Tuple[int, ...], want_x: bool, want_w: bool, want_b: bool
+                     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``step_backward`` by the C kernel (``_c_geometry`` holds): one call for the K steps."""
+    if gy.stride() != x.stride():
+        gy = torch.empty_like(x).copy_(gy)
+    K, C = x.shape[0], x.shape[2]
+    gx = torch.empty_like(x) if want_x else None
+    sums = torch.empty((2, K, C), dtype=torch.float64)
+    mean_, invstd_ = mean.to(x.dtype).contiguous(), invstd.to(x.dtype).contiguous()
+    wc = None if w is None else w.contiguous()
+    _bn_library(x.dtype).bn_bwd(gy.data_ptr(), x.data_ptr(), mean_.data_ptr(), invstd_.data_ptr(),
+                                None if wc is None else wc.data_ptr(), None if gx is None else gx.data_ptr(),
+                                sums[0].data_ptr(), sums[1].data_ptr(), K, *geometry, torch.get_num_threads())
+    gw = (sums[1] * invstd_.double()).sum(0).to(x.dtype) if want_w else None
+    gb = sums[0].sum(0).to(x.dtype) if want_b else None
     return gx, gw, gb
 
 

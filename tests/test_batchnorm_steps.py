@@ -49,10 +49,10 @@ def test_batch_norm_steps_is_eager(dtype, layout, momentum):
     g = torch.randn_like(ya)
     ga = torch.autograd.grad((ya * g).sum(), [xa, bn.weight, bn.bias])
     gb = torch.autograd.grad((yb * g).sum(), [xb, ref.weight, ref.bias])
+    # NOTE: the input gradient was eager's kernel step by step (bit-identical) before the C kernel
+    # (``bn_backward_source``): now ATen's formula with double sums, equal to float rounding
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-12)
-    if dtype == torch.float32:
-        assert torch.equal(ga[0], gb[0])     # the input gradient: eager's kernel, step by step
 
 
 def test_step_statistics_are_eagers_saved_mean_and_invstd():
@@ -75,3 +75,80 @@ def test_pooled_empty_strided():
     assert float(t.sum()) == 3 * 2 * 4 * 5 * 6
     gap = buffers.empty_strided((2, 3), (8, 2), torch.float32, torch.device("cpu"))
     assert gap.stride() == (8, 2)
+
+
+def _aten_step_backward(gy, x, w, mean, invstd, eps, mask):
+    """The reference: eager's kernel per step (what ``step_backward`` ran before its C kernel)."""
+    gx, gw, gb = torch.empty_like(x), None, None
+    for k in range(x.shape[0]):
+        a, b, c = torch.ops.aten.native_batch_norm_backward(gy[k], x[k], w, None, None, mean[k], invstd[k], True,
+                                                            eps, list(mask))
+        if mask[0]:
+            gx[k].copy_(a)
+        gw = b if gw is None else gw + b
+        gb = c if gb is None else gb + c
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None)
+
+
+def _bn_layouts():
+    """[K, N, C, ...] inputs in the layouts the executor hands ``step_backward``."""
+    K = 3
+    return {
+        "channels-last": torch.randn(K * 4, 16, 5, 7).to(memory_format=torch.channels_last).view(K, 4, 16, 5, 7),
+        "nchw": torch.randn(K, 4, 16, 5, 7),
+        "tokens-transposed": torch.randn(K, 4, 9, 16).transpose(2, 3),      # BatchNorm1d on x.transpose(1, 2)
+        "tokens": torch.randn(K, 4, 16, 9),
+        "flat": torch.randn(K, 10, 16),
+        "single-pixel": torch.randn(K, 4, 16, 1, 1),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", list(_bn_layouts()))
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)])
+def test_c_step_backward_equals_atens_kernel(dtype, layout, mask):
+    """The C kernel for every layout it takes: ATen's gradients to float rounding, the input gradient at
+    the input's strides (where the K-step tensor expects it)."""
+    from snncc.runtime import batchnorm
+    torch.manual_seed(2)
+    x = (_bn_layouts()[layout] * 2 + 0.5).to(dtype)
+    if not batchnorm.cbuild.compiler_available():
+        pytest.skip("no C compiler")
+    assert batchnorm._c_geometry(x) is not None, layout
+    gy = torch.randn_like(x)
+    w = torch.rand(x.shape[2], dtype=dtype) + 0.5
+    mean, _, invstd = step_statistics(x, 1e-5)
+    got = batchnorm.step_backward(gy, x, w, mean, invstd, 1e-5, mask)
+    want = _aten_step_backward(gy, x, w, mean, invstd, 1e-5, mask)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    for a, b, on in zip(got, want, mask):
+        assert (a is None) == (not on)
+        if on:
+            torch.testing.assert_close(a, b, **tol)
+    if mask[0]:
+        assert got[0].stride() == x.stride()
+
+
+def test_c_step_backward_takes_other_gradient_strides_and_leaves_odd_layouts_to_aten():
+    """A gradient laid out unlike the input is read correctly; an input with gaps (a slice), or with
+    neither its channels nor its pixels contiguous, falls back to ATen's per-step kernel (same values)."""
+    from snncc.runtime import batchnorm
+    torch.manual_seed(3)
+    K = 3
+    x = torch.randn(K * 4, 16, 5, 7).to(memory_format=torch.channels_last).view(K, 4, 16, 5, 7)
+    gy = torch.randn(K, 4, 16, 5, 7)                          # NCHW gradient of a channels-last input
+    w = torch.rand(16) + 0.5
+    mean, _, invstd = step_statistics(x, 1e-5)
+    mask = (True, True, True)
+    for a, b in zip(batchnorm.step_backward(gy, x, w, mean, invstd, 1e-5, mask),
+                    _aten_step_backward(gy, x, w, mean, invstd, 1e-5, mask)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    sliced = torch.randn(K, 4, 16, 5, 9)[..., 1:8]            # gaps between rows
+    odd = torch.randn(K, 16, 5, 4, 7).permute(0, 3, 1, 2, 4)  # [K, N, C, H, W], N between H and W: no collapse
+    for t in (sliced, odd):
+        assert batchnorm._c_geometry(t) is None
+        m, _, s_ = step_statistics(t, 1e-5)
+        g = torch.randn_like(t)
+        for a, b in zip(batchnorm.step_backward(g, t, w, m, s_, 1e-5, mask),
+                        _aten_step_backward(g, t, w, m, s_, 1e-5, mask)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
