@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snncc.frontend import Traced
+from .fold_matmul_scale import scaled_matmul
 from .hoist_time_invariant import is_random
 from .tag_timesteps import NodeTag
 
@@ -47,7 +48,7 @@ _METHODS = {"relu", "sigmoid", "tanh", "add", "sub", "mul", "div", "clamp", "flo
 #: and run as one call per chunk when ``runtime/batched_ops.py``'s guard holds for the actual tensors (else
 #: step by step, the same values). ``reshape(B, L, H, D // H)`` with ``B, L, D = x.shape`` is one of them.
 GUARDED_FUNCTIONS = {torch.reshape, torch.transpose, torch.swapaxes, torch.permute, torch.matmul, operator.matmul,
-                     torch.bmm, torch.mean, torch.sum, torch.amax, torch.amin, torch.softmax, torch.log_softmax,
+                     torch.bmm, scaled_matmul, torch.mean, torch.sum, torch.amax, torch.amin, torch.softmax, torch.log_softmax,
                      F.softmax, F.log_softmax}
 GUARDED_METHODS = {"reshape", "view", "transpose", "swapaxes", "permute", "matmul", "bmm", "mean", "sum", "amax",
                    "amin", "softmax", "log_softmax", "contiguous"}

@@ -8,8 +8,9 @@ elementwise ops and layers that is the same call; for these it is another call, 
   (``s0 = -1`` is resolved from one step's size first). This is what lets ``B, L, D = x.shape;
   x.reshape(B, L, H, D // H)``, written once per step, run once per chunk.
 * ``transpose``/``swapaxes``/``permute``: when dim 0 stays dim 0.
-* ``matmul``/``@``/``bmm``: when every per-step operand has the same rank >= 3 (so dim 0 is a batch dim
-  of the product on both sides) and any operand shared by all steps (a parameter) has a lower rank.
+* ``matmul``/``@``/``bmm`` (and ``scaled_matmul``, ``passes/fold_matmul_scale.py``): when every per-step
+  operand has the same rank >= 3 (so dim 0 is a batch dim of the product on both sides) and any operand
+  shared by all steps (a parameter) has a lower rank.
 * reductions (``mean``, ``sum``, ``amax``, ``amin``, ``softmax``, ``log_softmax``) over dims that exclude 0.
 
 Each rule returns the call to make, or None when the guard does not hold for these tensors; the executor
@@ -23,6 +24,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from snncc.passes.batch_over_time import GUARDED_FUNCTIONS as FUNCTIONS, GUARDED_METHODS as METHODS
+from snncc.passes.fold_matmul_scale import scaled_matmul
 
 __all__ = ["batched_call"]
 
@@ -112,6 +114,9 @@ def batched_call(kind: str, target: Any, args: Tuple[Any, ...], kwargs: Dict[str
         b = rest[0] if rest else kwargs.get("other", kwargs.get("mat2"))
         flags = (bool(per_step[0]), bool(per_step[1]) if len(per_step) > 1 else False)
         return (torch.matmul, (x, b), {}) if any(flags) and _matmul(x, b, flags) else None
+    if target is scaled_matmul:          # passes/fold_matmul_scale.py: a matmul, the scale shared by the steps
+        flags = (bool(per_step[0]), bool(per_step[1]) if len(per_step) > 1 else False)
+        return (scaled_matmul, args, {}) if len(rest) == 2 and any(flags) and _matmul(x, rest[0], flags) else None
     if name in ("mean", "sum", "amax", "amin", "softmax", "log_softmax"):
         fn = target if kind == "function" else (lambda t, *a, _n=name, **k: getattr(t, _n)(*a, **k))
         return (fn, args, kwargs) if _reduce_dims(x, rest, kwargs) else None

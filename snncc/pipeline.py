@@ -81,6 +81,10 @@ def compile_graph(traced: Traced, verify: bool = False, options: Options = Optio
     traced, merged = passes.hoist_time_invariant(traced)
     snaps.append(Snapshot("hoist_time_invariant", {"nodes": len(traced.graph.nodes), "merged": merged},
                           _fx_graph(traced.graph)))
+    # 1b. Fold: a power-of-two scale of a matmul's product onto its smaller operand (exact).
+    traced, folded = passes.fold_matmul_scale(traced)
+    snaps.append(Snapshot("fold_matmul_scale", {"nodes": len(traced.graph.nodes), "folded": folded},
+                          _fx_graph(traced.graph)))
     # 2. Tag: every node gets its timestep (None = time-invariant) and its layer.
     tags = passes.tag_timesteps(traced)
     snaps.append(Snapshot("tag_timesteps", {"timesteps": len({t.t for t in tags.values() if t.t is not None}),

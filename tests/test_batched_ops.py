@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import snncc
+from snncc.passes import scaled_matmul
 from conftest import assert_same_training
 from snncc.runtime.batched_ops import batched_call
 
@@ -108,6 +109,8 @@ def test_spiking_attention_compiles_batched_and_equals_eager(odd, monkeypatch):
     cm = snncc.compile(_SSA(odd=odd), T=5)
     cm(x)
     _, ex = next(iter(cm._snncc_cache.values()))
-    per_step = [t for _, t in ex.tg.graph.nodes(data="task") if t.kind in ("function", "method") and
-                t.target in ("reshape", "transpose", operator.matmul, "mean") and not t.batched and t.t0 is not None]
+    tasks = [t for _, t in ex.tg.graph.nodes(data="task")]
+    per_step = [t for t in tasks if t.kind in ("function", "method") and not t.batched and t.t0 is not None and
+                t.target in ("reshape", "transpose", operator.matmul, scaled_matmul, "mean")]
     assert not per_step, [t.name for t in per_step]
+    assert any(t.target is scaled_matmul and t.batched for t in tasks)     # (q @ k^T) * 0.25, folded

@@ -354,7 +354,7 @@ def test_schedule_is_topological_and_waves_partition(model, form, T):
 # --------------------------------------------------------------------------- the pipeline
 def test_compile_graph_snapshots_every_pass_in_order():
     c = compile_graph(trace_unrolled(FF(), "static", 3), verify=True)
-    assert [s.name for s in c.snapshots] == ["trace", "hoist_time_invariant", "tag_timesteps",
+    assert [s.name for s in c.snapshots] == ["trace", "hoist_time_invariant", "fold_matmul_scale", "tag_timesteps",
                                              "batch_over_time", "build_task_graph", "fuse_conv_bn_neuron",
                                              "insert_bitpack", "schedule_layer_major"]
     snap = {s.name: s.stats for s in c.snapshots}

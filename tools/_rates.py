@@ -130,14 +130,15 @@ class ParamGain(Gain):
 
 
 class AttrGain(Gain):
-    """Scales a float attribute (an attention ``scale``)."""
+    """Scales a float attribute (an attention ``scale``); ``inverse``: divides it (a neuron's threshold: with
+    ``v_reset = 0`` a threshold divided by g fires exactly like the input multiplied by g)."""
 
-    def __init__(self, name: str, obj: Any, attr: str) -> None:
-        self.what, self.obj, self.attr = f"{name}.{attr}", obj, attr
+    def __init__(self, name: str, obj: Any, attr: str, inverse: bool = False) -> None:
+        self.what, self.obj, self.attr, self.inverse = f"{name}.{attr}", obj, attr, inverse
         self.orig = float(getattr(obj, attr))
 
     def set(self, g: float) -> None:
-        setattr(self.obj, self.attr, self.orig * g)
+        setattr(self.obj, self.attr, self.orig / g if self.inverse else self.orig * g)
 
 
 def _has_weights(m: nn.Module) -> bool:

@@ -12,7 +12,9 @@ Models (all single-step mode, static input fed at each of T steps):
 * ``custom``      a user-written neuron (state ``self.v``, learnable per-channel sigmoid decay, its own
                   ``autograd.Function`` surrogate) in a small conv net.
 * ``spikformer``  a spiking self-attention block on tokens [N, L, D]: q/k/v = Linear + BatchNorm1d + LIFNode,
-                  spike matmuls, LIF, projection, residual, classifier head.
+                  spike matmuls scaled by Spikformer's 0.125, LIF, projection, residual, classifier head.
+                  The attention LIF is calibrated through its threshold (the same firing as scaling its
+                  input, ``v_reset = 0``), so the scale stays the model's own.
 
 For each model: the neuron layers are calibrated to fire about 10% on the benchmark batch (their feeding
 Conv/Linear/BatchNorm scaled, see ``tools/_rates.py``) and the rates are printed beside the times. On one
@@ -344,7 +346,8 @@ def build_spikformer(quick: bool = False) -> ZooModel:
     L = (size // patch) ** 2
     return ZooModel("spikformer", f"SSA block, D={dim}, {heads} heads, L={L} tokens ({size}x{size}, patch {patch})",
                     model, (3, size, size), reset_sj,
-                    gains=lambda m: {"block.attn_lif": _rates.AttrGain("block", m.block, "scale")})
+                    gains=lambda m: {"block.attn_lif": _rates.AttrGain("block.attn_lif", m.block.attn_lif,
+                                                                       "v_threshold", inverse=True)})
 
 
 BUILDERS: Dict[str, Callable[[bool], ZooModel]] = {
