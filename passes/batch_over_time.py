@@ -141,6 +141,22 @@ def _same_structure(nodes: List[fx.Node]) -> bool:
     return walk([n.args for n in nodes]) and walk([n.kwargs for n in nodes])
 
 
+def _static_batch_norm(nodes: List[fx.Node], traced: Traced, tags: Dict[str, NodeTag]) -> bool:
+    """The T calls of one training-mode BatchNorm on the same time-invariant tensor (a hoisted first conv's
+    output: ``conv -> BN -> LIF`` on a static image). Not pure (each call updates the running statistics),
+    so hoisting leaves T calls; as one task they run as K steps of that one input (the executor expands it):
+    K running-statistics updates, as eager, and a neuron after it can take the BatchNorm as its prologue."""
+    first = nodes[0]
+    if first.op != "call_module" or any(n.op != "call_module" or n.target != first.target for n in nodes):
+        return False
+    m = traced.root.get_submodule(first.target)
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or not m.training:
+        return False
+    src = first.args[0] if len(first.args) == 1 else None
+    return isinstance(src, fx.Node) and tags[src.name].t is None and \
+        all(len(n.args) == 1 and n.args[0] is src and not n.kwargs for n in nodes)
+
+
 def _initial_groups(traced: Traced, tags: Dict[str, NodeTag]) -> List[Group]:
     by_layer: Dict[str, List[fx.Node]] = {}
     for node in traced.graph.nodes:
@@ -152,7 +168,8 @@ def _initial_groups(traced: Traced, tags: Dict[str, NodeTag]) -> List[Group]:
         if target is not None and target in traced.bindings and \
                 all(len(n.args) == 1 and not n.kwargs for n in nodes):
             groups.append(Group(layer, tuple(n.name for n in nodes), "scan", target))
-        elif len(nodes) > 1 and all(_batchable_node(n, traced) for n in nodes) and _same_structure(nodes) and \
+        elif len(nodes) > 1 and all(_batchable_node(n, traced) for n in nodes) and \
+                (_same_structure(nodes) or _static_batch_norm(nodes, traced, tags)) and \
                 len({tags[n.name].t for n in nodes}) == len(nodes):
             groups.append(Group(layer, tuple(n.name for n in nodes), "batched"))
         else:

@@ -109,8 +109,10 @@ def _fuse_bn_train(tg: TaskGraph, traced: Traced) -> TaskGraph:
                 _sole_reader(tg, bn_task) is None or _sole_reader(tg, bn_task).name != task.name:
             continue
         bn = traced.root.get_submodule(bn_task.target)
+        # the input: per step (Steps), or one time-invariant tensor every step reads (a Ref: the neuron
+        # then takes it as a broadcast input, see batch_over_time._static_batch_norm)
         if not isinstance(bn, nn.BatchNorm2d) or not bn.training or len(bn_task.args) != 1 or \
-                not isinstance(bn_task.args[0], Steps):
+                not (isinstance(bn_task.args[0], Steps) or (isinstance(bn_task.args[0], Ref) and bn_task.batched)):
             continue
         fused = dataclasses.replace(task, args=bn_task.args, fused=(
             Fusion("bn_train", bn_task.target, bn_task.name),) + task.fused)

@@ -374,22 +374,25 @@ class _CBNScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, spec: NeuronSpec, K: int, need_grad: bool, pool: Optional[int], pool_cf: bool,
-                eps: float, recompute: bool, bn: Any, x: torch.Tensor, v0: Optional[torch.Tensor],
+                eps: float, recompute: bool, broadcast: bool, bn: Any, x: torch.Tensor, v0: Optional[torch.Tensor],
                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
-        x_step = x[0]
+        x_step = x if broadcast else x[0]
         if not (x_step.is_contiguous() or _channels_last(x_step)):
             x = x.contiguous()
-            x_step = x[0]
+            x_step = x if broadcast else x[0]
         v0 = None if v0 is None else _dense_like(v0, x_step)
-        mean, _, invstd = step_statistics(x, eps, bn)                   # [K, C]; updates bn's running stats
+        # [K, C]; updates bn's running stats K times (a broadcast input: the same statistics K times, as K
+        # eager calls on it compute)
+        mean, _, invstd = step_statistics(x.unsqueeze(0).expand(K, *x.shape) if broadcast else x, eps, bn)
         alpha = invstd if weight is None else invstd * weight.detach()
         beta = -mean * alpha if bias is None else bias.detach() - mean * alpha
         alpha, beta = alpha.to(x.dtype).contiguous(), beta.to(x.dtype).contiguous()
         lib = _kernels(spec, x.dtype, pool)
-        out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, False, K, v0, None, pool,
+        out, v, hs, bits = _forward_kernel(lib, spec, x, x_step, broadcast, K, v0, None, pool,
                                            need_grad and not recompute, None,
                                            pool_cf=pool_cf and pool is not None, bn=(alpha, beta))
         ctx.spec, ctx.K, ctx.pool, ctx.pool_cf, ctx.x_dtype = spec, K, pool, pool_cf and pool is not None, x.dtype
+        ctx.broadcast = broadcast
         ctx.out_meta = (tuple(out.shape), out.stride())
         ctx.has_bias = bias is not None
         ctx.recompute, ctx.eps = recompute, eps
@@ -405,26 +408,37 @@ class _CBNScan(torch.autograd.Function):
     def backward(ctx: Any, g_out: Optional[torch.Tensor], g_v_last: Optional[torch.Tensor]):
         hs, bits, x, v0, mean, invstd, weight = ctx.saved_tensors
         lib = _kernels(ctx.spec, ctx.x_dtype, ctx.pool)
+        b = ctx.broadcast
+        x_step = x if b else x[0]
         rerun = None
         if ctx.recompute and can_rerun(ctx.spec, None):     # (alpha, beta) are saved in hs/bits' place
-            rerun, hs, bits = (x, x[0], False, v0, (hs, bits)), None, None
+            rerun, hs, bits = (x, x_step, b, v0, (hs, bits)), None, None
         elif ctx.recompute:
-            _, _, hs, bits = _forward_kernel(lib, ctx.spec, x, x[0], False, ctx.K, v0, None, ctx.pool, True,
+            _, _, hs, bits = _forward_kernel(lib, ctx.spec, x, x_step, b, ctx.K, v0, None, ctx.pool, True,
                                              None, want_out=False, bn=(hs, bits))
-        g_y, g_v0, _ = _scan_grads(lib, ctx.spec, ctx.K, ctx.pool, ctx.pool_cf, False, ctx.x_dtype, ctx.out_meta,
+        # broadcast: the normalized input's gradient summed over the K steps, which all had the same input
+        # and statistics, so one BatchNorm backward of the sum is the sum of the K backwards (it is linear
+        # in the output gradient)
+        g_y, g_v0, _ = _scan_grads(lib, ctx.spec, ctx.K, ctx.pool, ctx.pool_cf, b, ctx.x_dtype, ctx.out_meta,
                                    hs, bits, g_out, g_v_last, None, v0, None, rerun=rerun)
-        g_x, g_w, g_b = step_backward(g_y, x, weight, mean, invstd, ctx.eps,
-                                      (ctx.needs_input_grad[8], ctx.needs_input_grad[10], ctx.has_bias and
-                                       ctx.needs_input_grad[11]))
-        return (None, None, None, None, None, None, None, None, g_x, g_v0 if ctx.needs_input_grad[9] else None,
-                g_w, g_b)
+        mask = (ctx.needs_input_grad[9], ctx.needs_input_grad[11], ctx.has_bias and ctx.needs_input_grad[12])
+        if b:
+            g_x, g_w, g_b = step_backward(g_y.unsqueeze(0), x.unsqueeze(0), weight, mean[:1], invstd[:1], ctx.eps,
+                                          mask)
+            g_x = None if g_x is None else g_x[0]
+        else:
+            g_x, g_w, g_b = step_backward(g_y, x, weight, mean, invstd, ctx.eps, mask)
+        return (None, None, None, None, None, None, None, None, None, g_x,
+                g_v0 if ctx.needs_input_grad[10] else None, g_w, g_b)
 
 
 def c_bn_scan(spec: NeuronSpec, x: torch.Tensor, K: int, v0: Optional[torch.Tensor], bn: Any,
               pool: Optional[int] = None, pool_cf: bool = False,
-              recompute: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+              recompute: bool = False, broadcast: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``neuron(batch_norm(x[t]))`` over K steps for a BatchNorm2d in training mode, fused (``_CBNScan``):
-    spikes (or their max pool) and the final V; the running statistics are updated K times, in order."""
+    spikes (or their max pool) and the final V; the running statistics are updated K times, in order.
+    ``broadcast``: ``x`` is one step's tensor, the input of every step (a hoisted first layer's output)."""
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (x, v0, bn.weight, bn.bias))
-    return _CBNScan.apply(spec, K, need_grad, pool, pool_cf, bn.eps, recompute, bn, x, v0, bn.weight, bn.bias)
+    return _CBNScan.apply(spec, K, need_grad, pool, pool_cf, bn.eps, recompute, broadcast, bn, x, v0, bn.weight,
+                          bn.bias)

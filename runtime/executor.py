@@ -76,6 +76,12 @@ class _Unpackable(Exception):
     """Steps of a batched task cannot be packed along dim 0; run them one by one."""
 
 
+def _bn_steps(xs: torch.Tensor, broadcast: bool, K: int, bn: nn.Module) -> torch.Tensor:
+    """A training BatchNorm's K steps ``[K, *S]`` of a neuron's input; a broadcast input (one tensor every
+    step reads) is normalized K times, as K eager calls do (K running-statistics updates)."""
+    return batch_norm_steps(xs.unsqueeze(0).expand(K, *xs.shape) if broadcast else xs, bn)
+
+
 def _module_rank(m: nn.Module) -> Optional[int]:
     """The input rank a 1d/2d/3d conv, pool or norm needs to treat dim 0 as the batch."""
     name = type(m).__name__
@@ -414,6 +420,11 @@ class Executor:
             if not isinstance(x, torch.Tensor):
                 return self._call(task, run, m)
             K = len(task.nodes)
+            if not isinstance(task.args[0], Steps):    # one time-invariant input read at every step
+                if _module_rank(m) in (None, x.dim()) and x.dim() >= 2:
+                    y = batch_norm_steps(x.unsqueeze(0).expand(K, *x.shape), m)
+                    return y.reshape(K * x.shape[0], *x.shape[1:])
+                return torch.cat([m(x) for _ in range(K)])
             if x.dim() >= 2 and _module_rank(m) in (None, x.dim()) and x.dim() >= 2:
                 x5 = x.view(K, x.shape[0] // K, *x.shape[1:])
                 return batch_norm_steps(x5, m).view(x.shape)
@@ -521,11 +532,12 @@ class Executor:
             self._record_scan(task, xs, broadcast, K, state0, binding.spec, True, keeps_input=True)
             with saving_as_source(self._input_source(task, xs)):
                 spikes, v = c_bn_scan(binding.spec, xs, K, None if state0 is None else state0[0],
-                                      self.modules[bn_f.module], pool=k, pool_cf=cf, recompute=self._recompute(task))
+                                      self.modules[bn_f.module], pool=k, pool_cf=cf, recompute=self._recompute(task),
+                                      broadcast=broadcast)
             state: Tuple[torch.Tensor, ...] = (v,)
         else:
             if bn_f is not None:    # the same semantics without the kernel: the K steps' BatchNorm, then the scan
-                xs = batch_norm_steps(xs, self.modules[bn_f.module])
+                xs, broadcast = _bn_steps(xs, broadcast, K, self.modules[bn_f.module]), False
             if task.name not in self._scans and torch.is_grad_enabled():
                 # NOTE: once per task (the float copy of an AMP input is only for the check)
                 can = xs.device.type == "cpu" and cpu_supports(binding.spec, xs.float() if xs.dtype in (
@@ -565,7 +577,7 @@ class Executor:
         xs, broadcast, K = self._neuron_input(task, run)
         bn_f = task.fusion("bn_train")
         if bn_f is not None:
-            xs = batch_norm_steps(xs, self.modules[bn_f.module])
+            xs, broadcast = _bn_steps(xs, broadcast, K, self.modules[bn_f.module]), False
         state0 = run.states.get(task.target)
         in_dtype = xs.dtype
         if xs.dtype in (torch.float16, torch.bfloat16):

@@ -85,7 +85,8 @@ def unpack_spikes(bits: torch.Tensor, shape: Tuple[int, ...], stride: Tuple[int,
     n = 1
     for s in shape:
         n *= s
-    out = torch.empty_strided(shape, stride, dtype=dtype, device=bits.device)
+    # NOTE: pooled on CPU: a fresh 4 MiB tensor per conv backward was page-faulted in every training step
+    out = buffers.empty_strided(shape, stride, dtype, bits.device)
     if _c_bits(out):
         from . import cpu
         cpu.bits_library(dtype).unpack(bits.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
@@ -109,10 +110,10 @@ TABLE_MAX_BYTES = 16 << 20
 
 
 class _SparseChoice:
-    """Dense, spike-driven or table lookup, by measurement: per layer geometry, the second eligible call
-    times each available path once (the first warms them: the C kernels are compiled on first use), and
-    from then on the cheapest runs: the dense and table paths at their measured time, the spike-driven one
-    at ``ones x its measured time per spike``.
+    """Dense, spike-driven or table lookup, by measurement: per layer geometry, the eligible calls after the
+    first (which warms the paths: the C kernels are compiled on first use) time each available path, ``rounds``
+    times, and from then on the cheapest runs: the dense and table paths at their fastest measured time,
+    the spike-driven one at ``ones x its fastest measured time per spike``.
 
     NOTE: a fixed density threshold was wrong by a wide margin for small channel counts: at 10% firing,
     16 -> 32 channels, 3x3 on 16x16 the spike-driven conv took 6 ms where oneDNN's dense one took 2.5 ms
@@ -121,11 +122,18 @@ class _SparseChoice:
     the spike-driven path wherever it is offered).
     """
 
+    #: timed calls per geometry before the choice is made; each path's fastest time counts.
+    #: NOTE: one timing per path misjudged on a busy 2-core VM (oneDNN's 3.5 ms conv once read as slower
+    #: than the 4.2 ms table path, and that layer ran the slower path for the rest of training)
+    rounds = 3
+
     def __init__(self, clock: Any = time.perf_counter) -> None:
         self.clock = clock
         self.seen: Dict[Tuple[Any, ...], int] = {}
         #: key -> {path: measured ms ("sparse": ms per spike)}
         self.cost: Dict[Tuple[Any, ...], Dict[str, float]] = {}
+        #: key -> the fastest times so far, while the geometry is being measured
+        self.timing: Dict[Tuple[Any, ...], Dict[str, float]] = {}
         self.last_path = "dense"
 
     @property
@@ -156,16 +164,18 @@ class _SparseChoice:
                 if k != "dense":
                     f()
             return offered["dense"](), "dense"
-        costs: Dict[str, float] = {}
+        costs = self.timing.setdefault(key, {})
         y = None
         for k, f in offered.items():      # dense first: its result is returned
             t0 = self.clock()
             out = f()
-            costs[k] = (self.clock() - t0) / (max(ones, 1) if k == "sparse" else 1)
+            t = (self.clock() - t0) / (max(ones, 1) if k == "sparse" else 1)
+            costs[k] = min(t, costs.get(k, t))
             y = out if k == "dense" else y
-        if len(self.cost) > 4096:         # many geometries (varying batch sizes): start over
-            self.cost.clear()
-        self.cost[key] = costs
+        if n > self.rounds:
+            if len(self.cost) > 4096:     # many geometries (varying batch sizes): start over
+                self.cost.clear()
+            self.cost[key] = self.timing.pop(key)
         return y, "dense"
 
 
