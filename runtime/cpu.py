@@ -37,7 +37,7 @@ from .batchnorm import step_backward, step_statistics, update_running_stats  # n
 # ``cpu.kernel_source``, ``cpu.sparse_conv_source``, ``cpu._HTYPE``...).
 from .cbuild import _library, compiler_available  # noqa: F401
 from .cpu_source import (_BLOCK, _CTYPE, _HTYPE, bits_source, kernel_source, sparse_block,  # noqa: F401
-                         sparse_conv_source, table_conv_source)
+                         sparse_conv_source, table_block, table_conv_source)
 
 __all__ = ["supports", "c_scan", "c_bn_scan", "update_running_stats", "kernel_source", "compiler_available",
            "pool_geometry", "CACHE_DIR"]
@@ -83,7 +83,7 @@ def sparse_conv_library(cout: int) -> Any:
 
 def table_conv_library(cout: int) -> Any:
     """The compiled table-lookup spike-input convolution for ``cout`` output channels."""
-    return _conv_from_bits_library(table_conv_source(sparse_block(cout)), "tconv2d_fwd")
+    return _conv_from_bits_library(table_conv_source(table_block(cout)), "tconv2d_fwd")
 
 
 def bits_library(dtype: torch.dtype) -> Any:

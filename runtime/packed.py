@@ -258,9 +258,9 @@ def _pattern_table(w: torch.Tensor) -> torch.Tensor:
     NOTE: pattern v's row is pattern (v without its lowest bit)'s row plus that bit's weight row, so every
     sum is built in one fixed order (highest channel first) from the same float adds on every rebuild.
     """
-    from .cpu_source import sparse_block
+    from .cpu_source import table_block
     cout, cin, kh, kw = w.shape
-    cob = sparse_block(cout)
+    cob = table_block(cout)
     rows = w.permute(2, 3, 1, 0).reshape(kh, kw, cin // 4, 4, cout)
     tab = w.new_zeros(kh, kw, cin // 4, 16, cout)
     for v in range(1, 16):
