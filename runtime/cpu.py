@@ -37,7 +37,7 @@ from .batchnorm import step_backward, step_statistics, update_running_stats  # n
 # ``cpu.kernel_source``, ``cpu.sparse_conv_source``, ``cpu._HTYPE``...).
 from .cbuild import _library, compiler_available  # noqa: F401
 from .cpu_source import (_BLOCK, _CTYPE, _HTYPE, bits_source, kernel_source, sparse_block,  # noqa: F401
-                         sparse_conv_source, table_block, table_conv_source)
+                         sparse_conv_source, sparse_linear_source, table_block, table_conv_source)
 
 __all__ = ["supports", "c_scan", "c_bn_scan", "update_running_stats", "kernel_source", "compiler_available",
            "pool_geometry", "CACHE_DIR"]
@@ -79,6 +79,16 @@ def _conv_from_bits_library(src: str, fn: str) -> Any:
 def sparse_conv_library(cout: int) -> Any:
     """The compiled spike-input convolution for ``cout`` output channels (block ``sparse_block(cout)``)."""
     return _conv_from_bits_library(sparse_conv_source(sparse_block(cout)), "sconv2d_fwd")
+
+
+def sparse_linear_library(cout: int) -> Any:
+    """The compiled spike-input linear for ``cout`` outputs (block ``sparse_block(cout)``)."""
+    lib = _library(sparse_linear_source(sparse_block(cout)))
+    if not getattr(lib, "_snncc_typed", False):
+        i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.slinear_fwd.argtypes = [ptr] * 4 + [i64] * 3 + [cint]
+        lib._snncc_typed = True
+    return lib
 
 
 def table_conv_library(cout: int) -> Any:

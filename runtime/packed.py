@@ -291,7 +291,8 @@ def _sparse_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _sparse_linear(bits: torch.Tensor, shape: Tuple[int, ...], weight: torch.Tensor,
                    bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear`` of spikes from their bits (input ``shape``): the spike-driven conv on 1x1 'images'."""
+    """``F.linear`` of spikes from their bits (input ``shape``), work proportional to the spike count
+    (``cpu_source.sparse_linear_source``)."""
     from . import cpu
     fin, fout = weight.shape[1], weight.shape[0]
     rows = 1
@@ -300,9 +301,8 @@ def _sparse_linear(bits: torch.Tensor, shape: Tuple[int, ...], weight: torch.Ten
     wt = _weight_layout(weight, "linear")                           # [Cin][Cout]
     b = None if bias is None else bias.detach().contiguous()
     out = buffers.empty((*shape[:-1], fout), weight.dtype, weight.device, own=True)   # rows x fout, no view
-    cpu.sparse_conv_library(fout).sconv2d_fwd(bits.data_ptr(), wt.data_ptr(), None if b is None else b.data_ptr(),
-                                              out.data_ptr(), rows, 1, 1, fin, fout, 1, 1, 1, 1, 0, 0, 1, 1,
-                                              torch.get_num_threads())
+    cpu.sparse_linear_library(fout).slinear_fwd(bits.data_ptr(), wt.data_ptr(), None if b is None else b.data_ptr(),
+                                                out.data_ptr(), rows, fin, fout, torch.get_num_threads())
     return out
 
 

@@ -410,11 +410,13 @@ def test_sparse_conv_is_used_only_when_sparse(monkeypatch):
 
 
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.5])
-def test_sparse_linear_equals_dense(density, monkeypatch):
+@pytest.mark.parametrize("fin,fout,rows", [(64, 24, (5, 3)), (128, 192, (7,)), (1024, 64, (3, 1))])
+def test_sparse_linear_equals_dense(density, fin, fout, rows, monkeypatch):
+    """Several output blocks (192 = 3 x 64), row counts that do not split evenly over the threads."""
     monkeypatch.setenv("SNNCC_SPARSE", "always")   # the spike-driven kernel itself, not the measured choice
     torch.manual_seed(0)
-    lin = nn.Linear(64, 24)
-    x = (torch.rand(5, 3, 64) < density).float()
+    lin = nn.Linear(fin, fout)
+    x = (torch.rand(*rows, fin) < density).float()
     _same_as_dense(lambda t: packed_linear(lin, t), lin, x, tol=1e-5)
 
 
