@@ -422,8 +422,7 @@ class Executor:
             K = len(task.nodes)
             if not isinstance(task.args[0], Steps):    # one time-invariant input read at every step
                 if _module_rank(m) in (None, x.dim()) and x.dim() >= 2:
-                    y = batch_norm_steps(x.unsqueeze(0).expand(K, *x.shape), m)
-                    return y.reshape(K * x.shape[0], *x.shape[1:])
+                    return _bn_steps(x, True, K, m).reshape(K * x.shape[0], *x.shape[1:])
                 return torch.cat([m(x) for _ in range(K)])
             if x.dim() >= 2 and _module_rank(m) in (None, x.dim()) and x.dim() >= 2:
                 x5 = x.view(K, x.shape[0] // K, *x.shape[1:])
