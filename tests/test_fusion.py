@@ -535,6 +535,19 @@ def test_bn_train_is_fused_into_the_neuron():
     assert next(t for t in tg.tasks() if t.target == "n2").fusion("bn_train").module == "b2"
 
 
+def _assert_bn_net_is_eager(model, ref, y, y_ref, dtype) -> None:
+    """Outputs (identical in float64), every parameter's gradient and the BatchNorm buffers as eager's."""
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
+    if dtype == torch.float64:
+        assert torch.equal(y, y_ref)
+    g = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
+    for (name, p), q in zip(model.named_parameters(), torch.autograd.grad((y_ref * g).sum(), list(ref.parameters()))):
+        (gp,) = torch.autograd.grad((y * g).sum(), [p], retain_graph=True)
+        torch.testing.assert_close(gp, q, **tol, msg=name)
+    for name, buf in model.named_buffers():
+        torch.testing.assert_close(buf, dict(ref.named_buffers())[name], **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_bn_train_fused_matches_eager(dtype, chunk, monkeypatch):
@@ -556,15 +569,7 @@ def test_bn_train_fused_matches_eager(dtype, chunk, monkeypatch):
     assert 0 < y_ref.mean() < 1
     # float32: a conv bias right before a training BatchNorm has a gradient that is zero up to rounding
     # (the normalization removes the mean), so only an absolute tolerance means anything for it
-    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
-    if dtype == torch.float64:
-        assert torch.equal(y, y_ref)
-    g = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
-    for (name, p), q in zip(model.named_parameters(), torch.autograd.grad((y_ref * g).sum(), list(ref.parameters()))):
-        (gp,) = torch.autograd.grad((y * g).sum(), [p], retain_graph=True)
-        torch.testing.assert_close(gp, q, **tol)
-    for name, buf in model.named_buffers():
-        torch.testing.assert_close(buf, dict(ref.named_buffers())[name], **tol)
+    _assert_bn_net_is_eager(model, ref, y, y_ref, dtype)
 
 
 class _StaticStem(nn.Module):
@@ -602,15 +607,7 @@ def test_bn_train_on_a_static_input_is_one_fused_task(dtype, chunk, memory, pool
     _, ex = next(iter(cm._snncc_cache.values()))
     assert not [t.name for t in ex.tg.tasks() if t.target == "b1"]          # absorbed into n1
     assert 0 < y_ref.mean() < 1
-    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
-    if dtype == torch.float64:
-        assert torch.equal(y, y_ref)
-    g = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
-    for (name, p), q in zip(model.named_parameters(), torch.autograd.grad((y_ref * g).sum(), list(ref.parameters()))):
-        (gp,) = torch.autograd.grad((y * g).sum(), [p], retain_graph=True)
-        torch.testing.assert_close(gp, q, **tol, msg=name)
-    for name, buf in model.named_buffers():
-        torch.testing.assert_close(buf, dict(ref.named_buffers())[name], **tol)
+    _assert_bn_net_is_eager(model, ref, y, y_ref, dtype)
     assert int(model.b1.num_batches_tracked) == 4
 
 
