@@ -248,3 +248,47 @@ def test_unplain_user_surrogates_stay_on_the_reference():
     for fn in (strict, rand, Coupled.apply):
         assert not codegen.plain_step_surrogate(fn)
         assert not cpu.supports(NeuronSpec("lif", SurrogateSpec("callable", 1.0, fn)), torch.zeros(3))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(3, 4, 6, 6), (2, 3, 5, 7), (1, 4, 300, 300)])   # the last: a period too
+@pytest.mark.parametrize("pool", [None, 2])                                           # long for a table
+@pytest.mark.parametrize("recompute", [False, True])
+def test_bn_scan_reads_each_channels_alpha_and_beta(channels_last, shape, pool, recompute):
+    """The fused BatchNorm prologue reads (alpha, beta) from per-step tables indexed by the element's
+    offset in its channel period, or gathers them per unit when the period is too long for a table:
+    either way the kernel's input must be ``x * alpha[t, c] + beta[t, c]``, so its spikes and final V are
+    bit-identical to the plain scan of that input computed in torch (float64), and its input gradient
+    equals BatchNorm's backward of the plain scan's (also when backward reruns the forward kernel)."""
+    torch.manual_seed(0)
+    K, dtype = 3, torch.float64
+    spec = NeuronSpec("lif", SurrogateSpec("atan", 2.0), tau=2.0, v_threshold=0.5, v_reset=0.0)
+    x = torch.randn(K * shape[0], *shape[1:], dtype=dtype) * 2 + torch.arange(shape[1], dtype=dtype).view(-1, 1, 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.view(K, *shape).detach().requires_grad_(True)
+    bn = torch.nn.BatchNorm2d(shape[1]).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
+        bn.bias.copy_(torch.linspace(-0.3, 0.4, shape[1]))
+    s, v = cpu.c_bn_scan(spec, x, K, None, bn, pool=pool, recompute=recompute)
+    g = torch.randn_like(s)
+    (gx,) = torch.autograd.grad((s * g).sum() + v.sum(), (x,))
+
+    xr = x.detach().clone().requires_grad_(True)
+    mean, _, invstd = cpu.step_statistics(xr.detach(), bn.eps)
+    alpha = invstd * bn.weight.detach()
+    beta = bn.bias.detach() - mean * alpha
+    shape_c = (K, 1, shape[1], 1, 1)
+    xs = [torch.batch_norm(xr[t], bn.weight.detach(), bn.bias.detach(), None, None, True, 0.0, bn.eps, False)
+          for t in range(K)]
+    xn = torch.stack(xs)
+    with torch.no_grad():      # the formula the kernel computes, in torch
+        direct = (xr * alpha.view(shape_c) + beta.view(shape_c)).contiguous()
+    s_plain, v_plain = cpu.c_scan(spec, direct, K, False, None, pool=pool)
+    assert 0 < s_plain.mean() < 1
+    assert torch.equal(s, s_plain)
+    assert torch.equal(v, v_plain)
+    s_r, v_r = cpu.c_scan(spec, xn, K, False, None, pool=pool)
+    (gr,) = torch.autograd.grad((s_r * g).sum() + v_r.sum(), (xr,))
+    torch.testing.assert_close(gx, gr, rtol=1e-9, atol=1e-9)
