@@ -10,7 +10,11 @@ Requires: a verified TaskGraph. Guarantees: the same values, fewer tasks:
 * in training, a ``BatchNorm2d`` whose only reader is a neuron task reading all its steps becomes the
   neuron's ``bn_train`` prologue: the kernel normalizes each step with that step's batch statistics as it
   reads the input (step mode's semantics, running statistics updated once per step), and the
-  normalized tensor never exists.
+  normalized tensor never exists;
+* in training, a ``MaxPool2d`` (as above) whose only input is a ``Conv2d``'s output, and which is its only
+  reader, runs with the convolution as one op (``conv_maxpool``, ``runtime/conv_pool.py``): its backward
+  works from the pooled gradient, which reaches one conv output per window, instead of eager's dense
+  backward of a gradient that is mostly zeros.
 """
 from __future__ import annotations
 
@@ -120,7 +124,27 @@ def _fuse_bn_train(tg: TaskGraph, traced: Traced) -> TaskGraph:
     return tg
 
 
+def _fuse_conv_pool(tg: TaskGraph, traced: Traced) -> TaskGraph:
+    for task in list(tg.tasks()):
+        if task.kind != "module" or task.name not in tg.graph or task.fused or task.kwargs or len(task.args) != 1:
+            continue
+        m = traced.root.get_submodule(task.target)
+        if type(m) is not nn.Conv2d or not m.training or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            continue
+        reader = _sole_reader(tg, task)
+        if reader is None or reader.kind != "module" or reader.kwargs:
+            continue
+        k = pool_kernel(traced.root.get_submodule(reader.target))
+        ok = _reads_all_steps(reader, task) if task.batched else \
+            (not reader.batched and reader.args == (Ref(task.name),))
+        if k is None or not ok:
+            continue
+        fused = dataclasses.replace(task, fused=(Fusion("conv_maxpool", reader.target, reader.name, (k,)),))
+        tg = absorb(tg, fused, reader)
+    return tg
+
+
 def fuse_conv_bn_neuron(tg: TaskGraph, traced: Traced) -> TaskGraph:
     """Max pools into their neuron's kernel; eval BatchNorm into its convolution; training BatchNorm into
-    the neuron's kernel (module docstring)."""
-    return _fuse_bn_train(_fold_bn(_fuse_pool(tg, traced), traced), traced)
+    the neuron's kernel; a max pool after a training convolution into it (module docstring)."""
+    return _fuse_conv_pool(_fuse_bn_train(_fold_bn(_fuse_pool(tg, traced), traced), traced), traced)

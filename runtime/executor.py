@@ -26,6 +26,7 @@ from .batchnorm import batch_norm_steps
 from .cpu import c_bn_scan, can_rerun as cpu_can_rerun, supports as cpu_supports
 from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
+from .conv_pool import conv_maxpool
 from .maxpool import pool_kk
 from .recompute import attach_source, saving_as_source, source_of
 from .dispatch import lifted_neuron_scan, neuron_scan, recurrent_cell_scan
@@ -453,14 +454,23 @@ class Executor:
         return y
 
     def _conv_like(self, task: Task, run: _Run, m: nn.Module, rank: Optional[int]) -> Any:
-        """A conv/linear with its fusions: eval BatchNorm folded into the weights, spike input kept as bits."""
+        """A conv/linear with its fusions: eval BatchNorm folded into the weights, spike input kept as bits,
+        the max pool after a training conv (``runtime/conv_pool.py``)."""
         fold = task.fusion("bn_fold")
         cl = rank == 4 and self.channels_last
+        pool = task.fusion("conv_maxpool")
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             w, b = m.weight, m.bias
             if fold is not None:
                 w, b = _fold_bn(w, b, self.modules[fold.module])
+            if pool is not None:      # the max pool after it, with the backward from the pooled gradient
+                x = _to_channels_last(x) if cl else x
+                return conv_maxpool(m, x, pool.params[0], w, b, spikes=task.spike_input,
+                                    conv=lambda v: conv(v, w, b))
+            return conv(x, w, b)
+
+        def conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
             # NOTE: below _SMALL elements packing saves little memory and costs more than it saves in time
             pack = task.spike_input and torch.is_grad_enabled() and w.requires_grad and x.numel() >= _SMALL
             # the output, recomputable from the input's bits (a neuron's input the plan need not keep)

@@ -243,6 +243,8 @@ def _weight_layout(weight: torch.Tensor, kind: str) -> torch.Tensor:
         out = w.t().contiguous()
     elif kind == "table":
         out = _pattern_table(w)
+    elif kind == "conv_pool":              # [Cout][KH][KW][Cin]: runtime/conv_pool.py's kernels
+        out = w.permute(0, 2, 3, 1).contiguous()
     else:
         out = w.permute(2, 3, 1, 0).contiguous()
     ref = weakref.ref(weight, lambda _r, key=key: _LAYOUTS.pop(key, None))
@@ -306,6 +308,27 @@ def _sparse_linear(bits: torch.Tensor, shape: Tuple[int, ...], weight: torch.Ten
     return out
 
 
+def spike_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, ...],
+                       padding: Any, dilation: Tuple[int, ...], groups: int
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
+    """The conv of a (probable) spike input, without autograd: ``(y, the input's bits or None when it is not
+    all 0/1, the path that computed y)``; on CPU from the bits where measured faster (``_SparseChoice``)."""
+    bits, ones = pack_count(x)
+    pad2 = tuple(padding) if not isinstance(padding, str) else padding
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+
+    def dense() -> torch.Tensor:
+        return fn(x, weight, bias, stride, padding, dilation, groups)
+    if bits is not None and _sparse_ok(x, weight, dilation, groups, padding):
+        key = ("conv", tuple(x.shape), tuple(weight.shape), tuple(stride), pad2, torch.get_num_threads())
+        y = _CHOICE.run(key, ones, dense, _conv_path("sparse", bits, x.shape, weight, bias, stride, pad2)
+                        if ones <= SPARSE_DENSITY * x.numel() else None,
+                        _conv_path("table", bits, x.shape, weight, bias, stride, pad2)
+                        if weight.numel() * 16 <= TABLE_MAX_BYTES else None)
+        return y, bits, _CHOICE.last_path
+    return dense(), bits, "dense"
+
+
 class _PackedConv(torch.autograd.Function):
     """A convolution of spikes: input kept as bits for backward; on CPU the forward itself may be computed
     from the bits, where measured faster (``_SparseChoice``): spike-driven (``cpu_source.sparse_conv_source``,
@@ -314,23 +337,7 @@ class _PackedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 stride: Tuple[int, ...], padding: Any, dilation: Tuple[int, ...], groups: int) -> torch.Tensor:
-        nd = x.dim() - 2
-        bits, ones = pack_count(x)
-        pad2 = tuple(padding) if not isinstance(padding, str) else padding
-        fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-
-        def dense() -> torch.Tensor:
-            return fn(x, weight, bias, stride, padding, dilation, groups)
-        path = "dense"
-        if bits is not None and _sparse_ok(x, weight, dilation, groups, padding):
-            key = ("conv", tuple(x.shape), tuple(weight.shape), tuple(stride), pad2, torch.get_num_threads())
-            y = _CHOICE.run(key, ones, dense, _conv_path("sparse", bits, x.shape, weight, bias, stride, pad2)
-                            if ones <= SPARSE_DENSITY * x.numel() else None,
-                            _conv_path("table", bits, x.shape, weight, bias, stride, pad2)
-                            if weight.numel() * 16 <= TABLE_MAX_BYTES else None)
-            path = _CHOICE.last_path
-        else:
-            y = dense()
+        y, bits, path = spike_conv_forward(x, weight, bias, stride, padding, dilation, groups)
         _LAST.value = (bits, path)
         keep = ctx.needs_input_grad[1] or ctx.needs_input_grad[0]
         ctx.meta = (tuple(x.shape), x.stride(), x.dtype, bits is not None, bias is not None,

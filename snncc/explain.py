@@ -43,7 +43,8 @@ __all__ = ["explain", "Explanation", "Layer", "task_fates", "opaque_reasons", "n
 #: built-in neuron kinds as users know them
 _KIND_NAMES = {"if": "IF", "lif": "LIF", "plif": "ParametricLIF", "izhikevich": "Izhikevich", "alif": "AdaptiveLIF"}
 _FUSION_WORDS = {"maxpool_epilogue": "max-pool epilogue", "bn_fold": "BatchNorm folded into the convolution",
-                 "bn_train": "training BatchNorm prologue"}
+                 "bn_train": "training BatchNorm prologue",
+                 "conv_maxpool": "max pool fused with the convolution (backward from the pooled gradient)"}
 _SKIP_KINDS = ("placeholder", "get_attr", "output")
 LEAF_REASON = "declared a leaf (leaf_modules=)"
 

@@ -26,8 +26,10 @@ EDGE_KINDS = ("data", "state", "order")
 #: bn_fold: an eval-mode BatchNorm folded into the preceding convolution's weights;
 #: bn_train: a training-mode BatchNorm (per-step statistics) applied by the neuron's kernel to its input.
 #: recurrent: a Linear of the neuron's own previous spikes added to its input, run inside its loop
-#: (``module`` is the Linear; the task's args are ``(Steps(e_t), previous spikes or None)``).
-FUSION_KINDS = ("maxpool_epilogue", "bn_fold", "bn_train", "recurrent")
+#: (``module`` is the Linear; the task's args are ``(Steps(e_t), previous spikes or None)``);
+#: conv_maxpool: the max pool after a training convolution, run with it as one op whose backward works
+#: from the pooled gradient (``module`` is the pool; ``params`` its kernel size).
+FUSION_KINDS = ("maxpool_epilogue", "bn_fold", "bn_train", "recurrent", "conv_maxpool")
 
 
 @dataclass(frozen=True)
