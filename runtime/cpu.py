@@ -37,7 +37,8 @@ from .batchnorm import step_backward, step_statistics, update_running_stats  # n
 # ``cpu.kernel_source``, ``cpu.sparse_conv_source``, ``cpu._HTYPE``...).
 from .cbuild import _library, compiler_available  # noqa: F401
 from .cpu_source import (_BLOCK, _CTYPE, _HTYPE, bits_source, kernel_source, sparse_block,  # noqa: F401
-                         sparse_conv_source, sparse_linear_source, table_block, table_conv_source)
+                         sparse_conv_source, sparse_linear_source, table_block, table_conv_source,
+                         transpose_source)
 
 __all__ = ["supports", "c_scan", "c_bn_scan", "update_running_stats", "kernel_source", "compiler_available",
            "pool_geometry", "CACHE_DIR"]
@@ -87,6 +88,7 @@ def sparse_linear_library(cout: int) -> Any:
     if not getattr(lib, "_snncc_typed", False):
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.slinear_fwd.argtypes = [ptr] * 4 + [i64] * 3 + [cint]
+        lib.slinear_gw.argtypes = [ptr] * 3 + [i64] * 3 + [cint]
         lib._snncc_typed = True
     return lib
 
@@ -94,6 +96,22 @@ def sparse_linear_library(cout: int) -> Any:
 def table_conv_library(cout: int) -> Any:
     """The compiled table-lookup spike-input convolution for ``cout`` output channels."""
     return _conv_from_bits_library(table_conv_source(table_block(cout)), "tconv2d_fwd")
+
+
+def transposed(w: torch.Tensor) -> torch.Tensor:
+    """``w.t().contiguous()`` of a 2-d float32 CPU tensor, by the tiled C transpose (``transpose_source``);
+    other tensors by torch."""
+    if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or \
+            not compiler_available():
+        return w.t().contiguous()
+    lib = _library(transpose_source())
+    if not getattr(lib, "_snncc_typed", False):
+        i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.transpose_f32.argtypes = [ptr, ptr, i64, i64, cint]
+        lib._snncc_typed = True
+    out = torch.empty((w.shape[1], w.shape[0]), dtype=w.dtype)
+    lib.transpose_f32(w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
+    return out
 
 
 def bits_library(dtype: torch.dtype) -> Any:

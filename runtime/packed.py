@@ -240,7 +240,8 @@ def _weight_layout(weight: torch.Tensor, kind: str) -> torch.Tensor:
         return hit[2]
     w = weight.detach()
     if kind == "linear":
-        out = w.t().contiguous()
+        from . import cpu
+        out = cpu.transposed(w)
     elif kind == "table":
         out = _pattern_table(w)
     elif kind == "conv_pool":              # [Cout][KH][KW][Cin]: runtime/conv_pool.py's kernels
@@ -366,6 +367,31 @@ def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]
     return None if t is None else t.to(dtype)
 
 
+def _sparse_linear_gw_ok(gy2: torch.Tensor, shape: Tuple[int, ...], strides: Tuple[int, ...]) -> bool:
+    """The spike-driven weight gradient's domain: CPU float32, a contiguous input (its bits in row order),
+    ``Cin % 8 == 0`` and ``Cout % 8 == 0``."""
+    from . import cpu
+    n = 1
+    for d in shape:
+        n *= d
+    contiguous = torch.empty_strided(shape, strides, device="meta").is_contiguous()
+    return (gy2.device.type == "cpu" and gy2.dtype == torch.float32 and contiguous and shape[-1] % 8 == 0
+            and gy2.shape[-1] % 8 == 0 and gy2.shape[0] * shape[-1] == n and cpu.compiler_available())
+
+
+def _sparse_linear_gw(bits: torch.Tensor, gy2: torch.Tensor, fin: int) -> torch.Tensor:
+    """``gy2.t() @ x`` for a spike input ``x`` [rows, fin] given by its bits: per input channel, the sum of
+    the gradient rows where it spiked (``cpu_source.sparse_linear_source``'s ``slinear_gw``), work
+    proportional to the spike count, written in the weight's [Cout, Cin] layout."""
+    from . import cpu
+    gy2 = gy2.contiguous()
+    rows, fout = gy2.shape
+    gw = torch.empty((fout, fin), dtype=torch.float32)
+    cpu.sparse_linear_library(fout).slinear_gw(bits.data_ptr(), gy2.data_ptr(), gw.data_ptr(), rows, fin, fout,
+                                               torch.get_num_threads())
+    return gw
+
+
 class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -379,20 +405,29 @@ class _PackedLinear(torch.autograd.Function):
             y = F.linear(x, weight, bias)
             path = "dense"
         _LAST.value = (bits, path)
-        ctx.meta = (tuple(x.shape), x.stride(), x.dtype, bits is not None)
+        ctx.meta = (tuple(x.shape), x.stride(), x.dtype, bits is not None, ones)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             ctx.save_for_backward(bits if bits is not None else x, weight)
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor):
-        shape, strides, dtype, packed = ctx.meta
+        shape, strides, dtype, packed, ones = ctx.meta
         saved, weight = ctx.saved_tensors
-        x = unpack_spikes(saved, shape, strides, dtype) if packed else saved
-        w, x = weight.to(gy.dtype), x.to(gy.dtype)      # autocast: the forward ran in gy's dtype
-        gx = gy.matmul(w) if ctx.needs_input_grad[0] else None
-        gw = gy.reshape(-1, gy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        gb = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = gy.matmul(weight.to(gy.dtype))      # autocast: the forward ran in gy's dtype
+        if ctx.needs_input_grad[1]:
+            def dense() -> torch.Tensor:
+                x = unpack_spikes(saved, shape, strides, dtype) if packed else saved
+                return gy2.t().matmul(x.to(gy.dtype).reshape(-1, shape[-1]))
+            if packed and _sparse_linear_gw_ok(gy2, shape, strides) and ones <= SPARSE_DENSITY * gy2.shape[0] * shape[-1]:
+                key = ("linear_gw", tuple(shape), tuple(weight.shape), torch.get_num_threads())
+                gw = _CHOICE.run(key, ones, dense, lambda: _sparse_linear_gw(saved, gy2, shape[-1]))
+            else:
+                gw = dense()
+        gb = gy2.sum(0) if ctx.needs_input_grad[2] else None
         return _as(gx, dtype), _as(gw, weight.dtype), _as(gb, weight.dtype)
 
 

@@ -420,6 +420,32 @@ def test_sparse_linear_equals_dense(density, fin, fout, rows, monkeypatch):
     _same_as_dense(lambda t: packed_linear(lin, t), lin, x, tol=1e-5)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5])
+@pytest.mark.parametrize("fin,fout,rows", [(64, 24, (5, 3)), (1024, 1024, (33,)), (136, 16, (9,))])
+def test_sparse_linear_weight_gradient_from_the_bits(density, fin, fout, rows, monkeypatch):
+    """The weight gradient of a spike input from its bits (the sum of the gradient rows where each input
+    spiked) equals the dense ``gy^T x``; it runs where the spikes are sparse enough, else the matmul.
+    Input channel ranges split unevenly over the threads (136 = 17 bytes), output blocks of 8 and 64."""
+    from snncc.runtime import packed
+    monkeypatch.setenv("SNNCC_SPARSE", "always")   # the spike-driven kernel itself, not the measured choice
+    calls = []
+    real = packed._sparse_linear_gw
+    monkeypatch.setattr(packed, "_sparse_linear_gw", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    lin = nn.Linear(fin, fout)
+    x = (torch.rand(*rows, fin) < density).float()
+    _same_as_dense(lambda t: packed_linear(lin, t), lin, x, tol=1e-5)
+    assert bool(calls) == (density <= packed.SPARSE_DENSITY)
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (10, 1024), (1024, 784), (37, 53), (1, 1)])
+def test_tiled_transpose_equals_torch(shape):
+    from snncc.runtime import cpu
+    w = torch.randn(*shape)
+    assert torch.equal(cpu.transposed(w), w.t().contiguous())
+    assert torch.equal(cpu.transposed(w.double()), w.double().t())    # other dtypes: torch's
+
+
 def test_sparse_kernels_see_weight_updates(monkeypatch):
     """The cached weight layout follows in-place updates (optimizer steps): never a stale weight."""
     monkeypatch.setenv("SNNCC_SPARSE", "always")   # the spike-driven kernel itself, not the measured choice
