@@ -2,7 +2,7 @@
 
 Why a module of its own: the source is the contract between snncc and the cache of compiled kernels (a
 kernel's cache key is a hash of its text and the flags, ``runtime/cbuild.py``), and it is what a reader or
-a test inspects without a compiler. Four generators live here:
+a test inspects without a compiler. The generators:
 
 * :func:`kernel_source`: the IF/LIF/PLIF scans generated from a :class:`~snncc.neurons.NeuronSpec`
   (charge, fire, reset, surrogate, through ``runtime/codegen.py``), forward and backward, flat or with a
@@ -14,6 +14,11 @@ a test inspects without a compiler. Four generators live here:
   proportional to the spike count.
 * :func:`table_conv_source`: the same convolution by table lookup over 4-channel spike patterns, work
   a quarter of a dense conv's at any firing rate.
+* :func:`sparse_linear_source`: a linear layer of spikes from their bits, forward and weight gradient.
+* :func:`bn_backward_source`: the backward of K steps' training BatchNorm in one call.
+* :func:`conv_pool_source`: a convolution's max pool keeping the picked positions, and the pair's backward
+  from the pooled gradient (``runtime/conv_pool.py``).
+* :func:`transpose_source`: a tiled float32 transpose (weight layouts rebuilt after optimizer steps).
 
 Exactness rests on the flags ``runtime/cbuild.py`` compiles with (``-ffp-contract=off``, no
 ``-ffast-math``): the scans do the same IEEE operations in the same order as the torch formula.
