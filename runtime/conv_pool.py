@@ -84,22 +84,20 @@ class _ConvPool(torch.autograd.Function):
         cin, kh, kw = weight.shape[1:]
         _lib(cin, kh, kw, k).pool_sel(y.data_ptr(), out.data_ptr(), sel.data_ptr(), bsz, hc, wc, co,
                                       torch.get_num_threads())
-        ctx.meta = (tuple(x.shape), x.stride(), x.dtype, bits is not None, bias is not None, stride, padding, k,
-                    (hc, wc))
+        ctx.meta = (tuple(x.shape), x.stride(), x.dtype, bits is not None, bias is not None, stride, padding, k)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(bits if bits is not None else x, weight, sel)
         return out
 
     @staticmethod
     def backward(ctx: Any, gp: torch.Tensor):
-        shape, strides, dtype, packed, has_bias, stride, padding, k, _ = ctx.meta
+        shape, strides, dtype, packed, has_bias, stride, padding, k = ctx.meta
         saved, weight, sel = ctx.saved_tensors
         gp = gp.contiguous(memory_format=torch.channels_last)
         bsz, co, ho, wo = gp.shape
         cin, kh, kw = weight.shape[1:]
         (sh, sw), (ph, pw) = stride, padding
-        if sh != sw:
-            raise AssertionError("conv_maxpool: unequal strides reach the kernel")   # conv_maxpool refuses them
+        assert sh == sw, "conv_maxpool runs unequal strides unfused"
         lib = _lib(cin, kh, kw, k)
         nt = torch.get_num_threads()
         hp, wp = shape[2] + 2 * ph, shape[3] + 2 * pw
