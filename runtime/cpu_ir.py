@@ -25,7 +25,7 @@ from . import buffers, ir_codegen as cg
 from .codegen import EXP_FLOAT
 from .cbuild import _library, compiler_available
 
-__all__ = ["ir_source", "ir_c_scan", "c_supports_ir"]
+__all__ = ["ir_source", "ir_c_scan", "c_supports_ir", "ir_pool_ok"]
 
 _BLOCK = 512
 _LIBS: Dict[Any, Any] = {}
@@ -90,7 +90,7 @@ def ir_source(first: NeuronIR, steady: NeuronIR, full: Tuple[bool, ...]) -> str:
                     s.append(f"if (Z{k}) Z{k}[toff] = {o.args[0]};")
         return " ".join(s)
 
-    def fwd_step(ir: NeuronIR, states_src: Optional[str], zsave: bool) -> str:
+    def fwd_step(ir: NeuronIR, states_src: Optional[str], zsave: bool, out: str = "OUT[toff]") -> str:
         return "\n".join([
             "      for (int64_t i = 0; i < n; ++i) {",
             "        const int64_t toff = t * M + start + i;",
@@ -98,25 +98,25 @@ def ir_source(first: NeuronIR, steady: NeuronIR, full: Tuple[bool, ...]) -> str:
             "        " + load_params(ir),
             "        " + (load_states(ir, states_src) if states_src else ""),
             cg.forward_body(ir),
-            "        " + store(ir, zsave),
+            "        " + store(ir, zsave).replace("OUT[toff] = ", f"{out} = "),
             "      }"])
 
     def adjoints(ir: NeuronIR) -> str:
         decl = [f"{cg.ctype(ir.dtype(v))} g_{v} = 0;" for v in cg.float_values(ir)]
         return " ".join(decl)
 
-    def bwd_step(ir: NeuronIR, steady_step: bool) -> str:
+    def bwd_step(ir: NeuronIR, steady_step: bool, gout: str = "GOUT[toff]", cap: str = "BLK") -> str:
         lines = ["      for (int64_t i = 0; i < n; ++i) {",
                  "        const int64_t toff = t * M + start + i;",
                  f"        const {XT} x = X[t * xts + start + i]; (void)x;",
                  "        " + load_params(ir)]
         if steady_step:
-            lines.append("        " + load_states(ir, "hist{j}[t * BLK + i]"))
+            lines.append("        " + load_states(ir, "hist{j}[t * " + cap + " + i]"))
         lines.append(cg.forward_body(ir))
         lines.append("        " + adjoints(ir))
         o = ir.outputs[0]
         if ir.dtype(o) in ("float32", "float64"):
-            lines.append(f"        g_{o} += ({cg.ctype(ir.dtype(o))})GOUT[toff];")
+            lines.append(f"        g_{o} += ({cg.ctype(ir.dtype(o))}){gout};")
         for j, v in enumerate(ir.new_states):
             if ir.dtype(v) in ("float32", "float64"):
                 lines.append(f"        g_{v} += gs{j}[i];")
@@ -229,6 +229,141 @@ void ir_bwd(int64_t M, int64_t K, int64_t xts, int has_st0, void** P) {{
     {free_b}
   }}
 }}
+""" + _pooled_source(first, steady, ns, npar, XT, ST, PT, OT, unpack_f, unpack_b, init_st, write_st, zero_b,
+                     out_b, fwd_step, bwd_step)
+
+
+def _pooled_source(first: NeuronIR, steady: NeuronIR, ns: int, npar: int, XT: str, ST: List[str], PT: List[str],
+                   OT: str, unpack_f: List[str], unpack_b: List[str], init_st: str, write_st: str, zero_b: str,
+                   out_b: str, fwd_step: Any, bwd_step: Any) -> str:
+    """``ir_fwd_pool`` / ``ir_bwd_pool``: the scan with a k x k, stride-k max pool of its output as the
+    epilogue (the built-in scans' unit geometry, ``cpu_source.kernel_source``: a unit is the k rows one row
+    of windows covers). Forward writes only the pooled output ``[K, Mo]``; backward recomputes each unit's
+    outputs per step and routes each window's gradient to the element torch's max pool picks (the first
+    maximum in row-major order; a NaN wins), so neither the full-size output nor its gradient exists.
+    Per-thread buffers of ``CAP`` = k rows replace the flat kernels' ``BLK`` arrays."""
+    alloc = " ".join(f"{ST[j]}* st{j} = ({ST[j]}*)malloc(sizeof({ST[j]}) * CAP);" for j in range(ns))
+    free = " ".join(f"free(st{j});" for j in range(ns))
+    alloc_b = alloc + " " + " ".join(
+        f"{ST[j]}* gs{j} = ({ST[j]}*)malloc(sizeof({ST[j]}) * CAP); "
+        f"{ST[j]}* hist{j} = ({ST[j]}*)malloc(sizeof({ST[j]}) * K * CAP);" for j in range(ns))
+    alloc_b += f" {XT}* gxb = ({XT}*)malloc(sizeof({XT}) * CAP); {XT}* gxt = ({XT}*)malloc(sizeof({XT}) * CAP);"
+    alloc_b += "".join(f" {PT[j]}* gp{j} = ({PT[j]}*)malloc(sizeof({PT[j]}) * CAP);" for j in range(npar))
+    alloc_b += f" {OT}* oh = ({OT}*)malloc(sizeof({OT}) * K * CAP); {OT}* gl = ({OT}*)malloc(sizeof({OT}) * CAP);"
+    alloc_b += f" {OT}* pm = ({OT}*)malloc(sizeof({OT}) * CAP); int64_t* psel = (int64_t*)malloc(sizeof(int64_t) * CAP);"
+    free_b = free + " " + " ".join(f"free(gs{j}); free(hist{j});" for j in range(ns)) + \
+        " free(gxb); free(gxt); free(oh); free(gl); free(pm); free(psel);" + "".join(f" free(gp{j});" for j in range(npar))
+    save_hist = " ".join(f"for (int64_t i = 0; i < n; ++i) hist{j}[t * CAP + i] = st{j}[i];" for j in range(ns))
+    return f"""
+// the pooled scans' geometry: P planes x H rows x RW = W * C elements per step, windows of k x k
+#define POOL_GEOM \\
+  const int64_t Ho = H / k, Wo = W / k, rem = H - Ho * k, UP = Ho + (rem > 0), U = Pp * UP; \\
+  const int64_t RW = W * C, M = Pp * H * RW, Mo = Pp * Ho * Wo * C, CAP = k * RW; (void)Mo;
+#define POOL_UNIT \\
+  const int64_t p = u / UP, j = u % UP, row0 = j < Ho ? j * k : Ho * k, nr = j < Ho ? k : rem; \\
+  const int64_t n = nr * RW, start = p * H * RW + row0 * RW;
+// ob: one step's outputs of the unit; pooled element (j, wo, c) of plane p -> o (the input's layout).
+// Branch-free over c (contiguous in channels-last) so the max vectorizes; NCHW (C == 1) walks wo instead.
+static inline void pool_out(const {OT}* ob, {OT}* o, int64_t RW, int64_t Wo, int64_t C, int64_t k) {{
+  const int64_t L = Wo * C;
+  for (int64_t q = 0; q < L; ++q) o[q] = -INFINITY;
+  for (int64_t dh = 0; dh < k; ++dh)
+    for (int64_t dw = 0; dw < k; ++dw) {{
+      const {OT}* r = ob + dh * RW + dw * C;
+      if (C == 1) {{
+        for (int64_t wo = 0; wo < Wo; ++wo) {{ const {OT} v = r[wo * k]; o[wo] = (v > o[wo]) | (v != v) ? v : o[wo]; }}
+      }} else {{
+        for (int64_t wo = 0; wo < Wo; ++wo)
+          for (int64_t c = 0; c < C; ++c) {{
+            const {OT} v = r[wo * k * C + c];
+            o[wo * C + c] = (v > o[wo * C + c]) | (v != v) ? v : o[wo * C + c];
+          }}
+      }}
+    }}
+}}
+// the element of the unit each window picks (torch's rule: the first maximum in row-major order, a NaN
+// wins), for windows (wo, c) -> sel[wo * C + c]; m: scratch of Wo * C
+static inline void pool_pick(const {OT}* ob, {OT}* m, int64_t* sel, int64_t RW, int64_t Wo, int64_t C, int64_t k) {{
+  const int64_t L = Wo * C;
+  for (int64_t q = 0; q < L; ++q) {{ m[q] = -INFINITY; sel[q] = (q / C) * k * C + q % C; }}
+  for (int64_t dh = 0; dh < k; ++dh)
+    for (int64_t dw = 0; dw < k; ++dw)
+      for (int64_t wo = 0; wo < Wo; ++wo)
+        for (int64_t c = 0; c < C; ++c) {{
+          const int64_t q = wo * C + c, e = dh * RW + (wo * k + dw) * C + c;
+          const {OT} v = ob[e];
+          const int take = (v > m[q]) | (v != v);
+          m[q] = take ? v : m[q];
+          sel[q] = take ? e : sel[q];
+        }}
+}}
+
+/* P: as ir_fwd's, OUT pooled [K, Mo] */
+void ir_fwd_pool(int64_t Pp, int64_t H, int64_t W, int64_t C, int64_t k, int64_t K, int64_t xts, int has_st0,
+                 void** P) {{
+  {" ".join(unpack_f)}
+  POOL_GEOM
+  #pragma omp parallel
+  {{
+    {alloc}
+    {OT}* ob = ({OT}*)malloc(sizeof({OT}) * CAP);
+    #pragma omp for schedule(static)
+    for (int64_t u = 0; u < U; ++u) {{
+      POOL_UNIT
+      if (has_st0) {{ {init_st} }}
+      for (int64_t t = 0; t < K; ++t) {{
+        if (t == 0 && !has_st0) {{
+{fwd_step(first, None, True, out="ob[i]")}
+        }} else {{
+{fwd_step(steady, "st{j}[i]", True, out="ob[i]")}
+        }}
+        if (j < Ho) pool_out(ob, OUT + t * Mo + (p * Ho + j) * Wo * C, RW, Wo, C, k);
+      }}
+      {write_st}
+    }}
+    {free} free(ob);
+  }}
+}}
+
+/* P: as ir_bwd's, GOUT pooled [K, Mo] */
+void ir_bwd_pool(int64_t Pp, int64_t H, int64_t W, int64_t C, int64_t k, int64_t K, int64_t xts, int has_st0,
+                 void** P) {{
+  {" ".join(unpack_b)}
+  POOL_GEOM
+  #pragma omp parallel
+  {{
+    {alloc_b}
+    #pragma omp for schedule(static)
+    for (int64_t u = 0; u < U; ++u) {{
+      POOL_UNIT
+      if (has_st0) {{ {init_st} }}
+      for (int64_t t = 0; t < K; ++t) {{      /* recompute the forward: states before each step, outputs */
+        {save_hist}
+        if (t == 0 && !has_st0) {{
+{fwd_step(first, None, False, out="oh[t * CAP + i]")}
+        }} else {{
+{fwd_step(steady, "st{j}[i]", False, out="oh[t * CAP + i]")}
+        }}
+      }}
+      {zero_b}
+      for (int64_t t = K - 1; t >= 0; --t) {{
+        for (int64_t i = 0; i < n; ++i) gl[i] = 0;
+        if (j < Ho) {{                        /* each window's gradient to torch's pick */
+          const {OT}* g = GOUT + t * Mo + (p * Ho + j) * Wo * C;
+          pool_pick(oh + t * CAP, pm, psel, RW, Wo, C, k);
+          for (int64_t q = 0; q < Wo * C; ++q) gl[psel[q]] = g[q];
+        }}
+        if (t == 0 && !has_st0) {{
+{bwd_step(first, False, gout="gl[i]", cap="CAP")}
+        }} else {{
+{bwd_step(steady, True, gout="gl[i]", cap="CAP")}
+        }}
+      }}
+      {out_b}
+    }}
+    {free_b}
+  }}
+}}
 """
 
 
@@ -242,6 +377,9 @@ def _lib(first: NeuronIR, steady: NeuronIR, full: Tuple[bool, ...]) -> Any:
                 lib = _library(ir_source(first, steady, full))
                 for fn in (lib.ir_fwd, lib.ir_bwd):
                     fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+                    fn.restype = None
+                for fn in (lib.ir_fwd_pool, lib.ir_bwd_pool):
+                    fn.argtypes = [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_void_p]
                     fn.restype = None
                 _LIBS[key] = lib
     return lib
@@ -282,7 +420,7 @@ class _IRScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, first: NeuronIR, steady: NeuronIR, broadcast: bool, K: int, ns: int,
-                need_grad: bool, x: torch.Tensor, *rest: torch.Tensor):
+                need_grad: bool, pool: Optional[int], x: torch.Tensor, *rest: torch.Tensor):
         has_st0 = len(rest) > len(steady.params)
         st0 = rest[:ns] if has_st0 else ()
         params = rest[ns:] if has_st0 else rest
@@ -295,8 +433,11 @@ class _IRScan(torch.autograd.Function):
         pars = [(_dense(p, like) if f else p.reshape(1).contiguous()) for p, f in zip(params, full)]
         s0 = [_dense(s, like) for s in st0]
         out_dt = steady.dtype(steady.outputs[0])
-        out = buffers.empty_strided((K,) + tuple(like.shape), (M,) + like.stride(),
-                                  _dt(out_dt), x.device)
+        if pool is None:
+            out = buffers.empty_strided((K,) + tuple(like.shape), (M,) + like.stride(),
+                                      _dt(out_dt), x.device)
+        else:
+            out = _pooled_steps(like, K, pool, _dt(out_dt))
         sn = [buffers.empty_strided(like.shape, like.stride(), dtype=_dt(steady.dtype(s)), device=x.device)
               for s in steady.states]
         zs: List[Optional[torch.Tensor]] = []
@@ -309,8 +450,11 @@ class _IRScan(torch.autograd.Function):
                 zs.append(None)
         lib = _lib(first, steady, full)
         P = _ptrs([x] + s0 + [None] * (ns - len(s0)) + pars + [out] + sn + zs)
-        lib.ir_fwd(M, K, 0 if broadcast else M, int(has_st0), P)
-        ctx.meta = (first, steady, broadcast, K, ns, has_st0, full, M)
+        if pool is None:
+            lib.ir_fwd(M, K, 0 if broadcast else M, int(has_st0), P)
+        else:
+            lib.ir_fwd_pool(*_geometry(like, pool), K, 0 if broadcast else M, int(has_st0), P)
+        ctx.meta = (first, steady, broadcast, K, ns, has_st0, full, M, pool)
         ctx.param_shapes = [p.shape for p in params]
         if need_grad:
             ctx.save_for_backward(x, *s0, *pars, *[z for z in zs if z is not None])
@@ -319,7 +463,7 @@ class _IRScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_out: torch.Tensor, *g_sn: torch.Tensor):
-        first, steady, broadcast, K, ns, has_st0, full, M = ctx.meta
+        first, steady, broadcast, K, ns, has_st0, full, M, pool = ctx.meta
         saved = ctx.saved_tensors
         x = saved[0]
         s0 = list(saved[1:1 + (ns if has_st0 else 0)])
@@ -332,8 +476,13 @@ class _IRScan(torch.autograd.Function):
         for o, has in zip(steady.spike_ops, ctx.zmask):
             ds.append(_callable_derivative(steady.surrogates[o.attr("surrogate")], next(zs)) if has else None)
         step = (K,) + tuple(like.shape)
-        g_out = _dense(g_out, torch.empty_strided(step, (M,) + like.stride(), device=x.device),   # a template: never written
-                       _dt(steady.dtype(steady.outputs[0])))
+        out_dt = _dt(steady.dtype(steady.outputs[0]))
+        if pool is None:
+            g_out = _dense(g_out, torch.empty_strided(step, (M,) + like.stride(), device=x.device),  # a template: never written
+                           out_dt)
+        else:
+            t = _pooled_steps(like, K, pool, out_dt, template=True)
+            g_out = _dense(g_out, t, out_dt)
         gsn = [_dense(g, like, _dt(steady.dtype(s))) for g, s in zip(g_sn, steady.states)]
         gx = buffers.empty_strided(step if not broadcast else tuple(like.shape),
                                  ((M,) + like.stride()) if not broadcast else like.stride(),
@@ -342,10 +491,40 @@ class _IRScan(torch.autograd.Function):
         gp = [buffers.empty_strided(like.shape, like.stride(), dtype=p.dtype, device=x.device) for p in pars]
         lib = _lib(first, steady, full)
         P = _ptrs([x] + s0 + [None] * (ns - len(s0)) + pars + [g_out] + gsn + ds + [gx] + gs0 + gp)
-        lib.ir_bwd(M, K, 0 if broadcast else M, int(has_st0), P)
+        if pool is None:
+            lib.ir_bwd(M, K, 0 if broadcast else M, int(has_st0), P)
+        else:
+            lib.ir_bwd_pool(*_geometry(like, pool), K, 0 if broadcast else M, int(has_st0), P)
         g_params = [g.sum_to_size(shape) if len(shape) else g.sum() for g, shape in zip(gp, ctx.param_shapes)]
         g_states = tuple(gs0[:ns]) if has_st0 else ()
-        return (None, None, None, None, None, None, gx) + g_states + tuple(g_params)
+        return (None, None, None, None, None, None, None, gx) + g_states + tuple(g_params)
+
+
+def _geometry(like: torch.Tensor, k: int) -> Tuple[int, int, int, int, int]:
+    """(P, H, W, C, k) of a dense 4-d step for the pooled kernels: NCHW as N*C planes of one channel,
+    channels-last as N planes of C interleaved channels."""
+    n, c, h, w = like.shape
+    return (n, h, w, c, k) if not like.is_contiguous() else (n * c, h, w, 1, k)
+
+
+def _pooled_steps(like: torch.Tensor, K: int, k: int, dtype: torch.dtype, template: bool = False) -> torch.Tensor:
+    """``[K, N, C, H // k, W // k]`` in ``like``'s layout (channels-last or contiguous per step), from the
+    pool (``template``: a tensor never written, for ``_dense``'s shape and strides only)."""
+    n, c, h, w = like.shape
+    shape = (K * n, c, h // k, w // k)
+    cl = not like.is_contiguous()
+    if template:
+        t = torch.empty(shape, device=like.device, memory_format=torch.channels_last if cl else torch.contiguous_format)
+        return t.view(K, n, *shape[1:])
+    return buffers.empty(shape, dtype, like.device, channels_last=cl).view(K, n, *shape[1:])
+
+
+def ir_pool_ok(steady: NeuronIR, x: torch.Tensor, broadcast: bool, k: int) -> bool:
+    """The pooled kernels can run this scan: a dense 4-d step (contiguous or channels-last) at least k x k,
+    a float output (the pool's max), 2 <= k <= 15."""
+    like = x if broadcast else (x[0] if x.dim() >= 1 else x)
+    return (like.dim() == 4 and _is_dense(like) and like.shape[2] >= k and like.shape[3] >= k and 2 <= k <= 15
+            and steady.dtype(steady.outputs[0]) in ("float32", "float64") and like.numel() > 0)
 
 
 def _dt(name: str) -> torch.dtype:
@@ -353,10 +532,12 @@ def _dt(name: str) -> torch.dtype:
 
 
 def ir_c_scan(first: NeuronIR, steady: NeuronIR, x: torch.Tensor, K: int, broadcast: bool,
-              state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor]
+              state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor], pool: Optional[int] = None
               ) -> Optional[Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]]:
     """Run K steps with the generated C kernel: ``(outputs [K, *S], final states)``; None when the
-    tensors do not fit it (device, dtypes), and the caller runs the reference scan."""
+    tensors do not fit it (device, dtypes), and the caller runs the reference scan. ``pool=k`` (where
+    ``ir_pool_ok``): the outputs' k x k max pool ``[K, N, C, H // k, W // k]`` instead, from the pooled
+    kernels (the full-size outputs never exist)."""
     if x.device.type != "cpu" or _TORCH_CT.get(x.dtype) != steady.dtype("x"):
         return None
     ts = list(params) + list(state or ())
@@ -370,6 +551,8 @@ def ir_c_scan(first: NeuronIR, steady: NeuronIR, x: torch.Tensor, K: int, broadc
             return None
     ns = len(steady.states)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x] + ts)
-    res = _IRScan.apply(first, steady, broadcast, K, ns, need_grad, x, *(tuple(state) if state else ()),
+    if pool is not None and not ir_pool_ok(steady, x, broadcast, pool):
+        return None
+    res = _IRScan.apply(first, steady, broadcast, K, ns, need_grad, pool, x, *(tuple(state) if state else ()),
                         *params)
     return res[0], tuple(res[1:])

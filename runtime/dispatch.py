@@ -22,7 +22,8 @@ from snncc.neuron_ir import hoist_static, run_prelude
 from snncc.neurons import NeuronSpec
 from . import cpu, cpu_ir, cpu_recurrent, reference
 
-__all__ = ["Backend", "BACKENDS", "neuron_scan", "lifted_neuron_scan", "recurrent_cell_scan", "backend_for"]
+__all__ = ["Backend", "BACKENDS", "neuron_scan", "lifted_neuron_scan", "lifted_neuron_scan_pooled", "recurrent_cell_scan",
+           "backend_for"]
 
 Result = Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]
 
@@ -189,6 +190,19 @@ def lifted_neuron_scan(lifted: Any, x: torch.Tensor, K: int, broadcast: bool,
     if res is None:                 # a backend may decline at run time (a dtype it does not generate)
         res = _ref_scan_lifted(lifted, x, K, broadcast, state, params)
     return res
+
+
+def lifted_neuron_scan_pooled(lifted: Any, x: torch.Tensor, K: int, broadcast: bool,
+                              state: Optional[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
+                              k: int) -> Optional[Result]:
+    """``lifted_neuron_scan`` with the outputs' k x k, stride-k max pool computed by the kernel itself
+    (``cpu_ir``'s pooled scans: ``(pooled outputs [K, N, C, H // k, W // k], final states)``), where the
+    C backend claims the scan and the geometry fits; None otherwise (the caller pools the full outputs)."""
+    kernel, prelude = _kernel_steps(lifted)
+    if backend_for("lifted", kernel, x).name != "cpu":
+        return None
+    derived = run_prelude(prelude, dict(zip(lifted.steady.params, params)), x, kernel.steady.params[len(params):])
+    return cpu_ir.ir_c_scan(kernel.first, kernel.steady, x, K, broadcast, state, tuple(params) + derived, pool=k)
 
 
 def recurrent_cell_scan(lifted: Any, e: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],

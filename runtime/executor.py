@@ -27,9 +27,9 @@ from .cpu import c_bn_scan, can_rerun as cpu_can_rerun, supports as cpu_supports
 from .streams import StreamPlan
 from .packed import packed_conv, packed_linear
 from .conv_pool import conv_maxpool
-from .maxpool import pool_kk
+from .maxpool import pool_kk, pool_kk_size
 from .recompute import attach_source, saving_as_source, source_of
-from .dispatch import lifted_neuron_scan, neuron_scan, recurrent_cell_scan
+from .dispatch import lifted_neuron_scan, lifted_neuron_scan_pooled, neuron_scan, recurrent_cell_scan
 from snncc.lift import _set_state
 from snncc.passes.batch_over_time import GUARDED_FUNCTIONS, GUARDED_METHODS
 from snncc.passes.plan_memory import STEP_PER_FORWARD, MemoryPlan, ScanCost, plan_memory
@@ -596,15 +596,20 @@ class Executor:
             lifted = binding.lifted.get(m, xs.dtype)
         except Exception as exc:
             return self._eager_steps(task, run, m, xs, broadcast, K, str(exc))
-        out, state = lifted_neuron_scan(lifted, xs, K, broadcast, state0, lifted.params(m))
+        pool = task.fusion("maxpool_epilogue")
+        res = None
+        k = None if pool is None else pool_kk_size(self.modules[pool.module], xs if broadcast else xs[0])
+        if k is not None:          # a plain k x k pool: the kernel itself may write the pooled outputs
+            res = lifted_neuron_scan_pooled(lifted, xs, K, broadcast, state0, lifted.params(m), k)
+        pooled = res is not None
+        out, state = res if pooled else lifted_neuron_scan(lifted, xs, K, broadcast, state0, lifted.params(m))
         if out.dtype != in_dtype and in_dtype in (torch.float16, torch.bfloat16):
             out = out.to(in_dtype)
         run.states[task.target] = state
         if self.last_chunk[task.target] == task.name:
             for name, v in zip(lifted.state_attrs, state):
                 _set_state(m, name, v)
-        pool = task.fusion("maxpool_epilogue")
-        if pool is not None:
+        if pool is not None and not pooled:
             pm = self.modules[pool.module]
             if out.dim() == 5:
                 flat = out.flatten(0, 1)

@@ -189,10 +189,9 @@ def _single(v: Any) -> Optional[int]:
     return v[0] if isinstance(v, tuple) and len(set(v)) == 1 and isinstance(v[0], int) else None
 
 
-def pool_kk(pm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``pm(x)`` by the C kernel when ``pm`` is a plain ``MaxPool2d`` with kernel == stride (no padding,
-    dilation, ceil mode, indices or hooks) and ``x`` a dense 4-d CPU float32/float64 tensor; else None
-    (the caller runs ``pm``)."""
+def pool_kk_size(pm: nn.Module, x: torch.Tensor) -> Optional[int]:
+    """k when ``pm`` is a plain ``MaxPool2d`` with kernel == stride (no padding, dilation, ceil mode, indices
+    or hooks) and ``x`` a dense 4-d CPU float32/float64 tensor the C kernel can pool; else None."""
     if type(pm) is not nn.MaxPool2d or pm._forward_hooks or pm._forward_pre_hooks or pm.return_indices \
             or pm.ceil_mode:
         return None
@@ -204,6 +203,10 @@ def pool_kk(pm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
             or x.shape[2] < k or x.shape[3] < k or x.numel() == 0:
         return None
     from .cbuild import compiler_available
-    if not compiler_available():
-        return None
-    return _PoolKK.apply(x, k)
+    return k if compiler_available() else None
+
+
+def pool_kk(pm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``pm(x)`` by the C kernel where ``pool_kk_size`` allows; else None (the caller runs ``pm``)."""
+    k = pool_kk_size(pm, x)
+    return None if k is None else _PoolKK.apply(x, k)

@@ -59,7 +59,13 @@ def test_generated_ir_loops_vectorize(which, tmp_path):
     first, steady, _ = hoist_static(L.first, L.steady)      # what the kernel backends compile (dispatch.py)
     src = ir_source(first, steady, tuple(False for _ in steady.params))
     loops = _element_loops(src)
-    bwd = src.splitlines().index(next(l for l in src.splitlines() if l.startswith("void ir_bwd")))
-    assert len([n for n in loops if n > bwd]) == 4, "expected the recompute and backward loops, first and steady"
+    lines = src.splitlines()
+    starts = {name: lines.index(next(l for l in lines if l.startswith(f"void {name}(")))
+              for name in ("ir_bwd", "ir_fwd_pool", "ir_bwd_pool")}
+    bwd, fwd_pool, bwd_pool = starts["ir_bwd"], starts["ir_fwd_pool"], starts["ir_bwd_pool"]
+    # the recompute and backward loops, first and steady; the pooled scans' forward, recompute and backward
+    assert len([n for n in loops if bwd < n < fwd_pool]) == 4
+    assert len([n for n in loops if fwd_pool < n < bwd_pool]) == 2
+    assert len([n for n in loops if n > bwd_pool]) == 4
     missed = [n for n in loops if n not in _vectorized_lines(src, tmp_path)]
     assert not missed, f"{which}: per-element loops at lines {missed} of the generated source do not vectorize"

@@ -417,3 +417,74 @@ def test_module_with_reset_but_no_state_compiles():
     x = torch.rand(2, 3)
     out = snncc.compile(model, T=3)(x)
     assert torch.equal(out, torch.stack([model(x)] * 3))
+
+
+# ----------------------------------------------------------------------------- max-pool epilogue
+@pytest.mark.parametrize("shape,k,channels_last", [((3, 4, 6, 6), 2, True), ((3, 4, 6, 6), 2, False),
+                                                   ((2, 8, 7, 5), 2, True), ((2, 3, 9, 9), 3, False),
+                                                   ((1, 16, 4, 8), 4, True)])
+@pytest.mark.parametrize("broadcast,with_state", [(False, False), (True, False), (False, True)])
+def test_pooled_generated_scan_equals_scan_then_pool(shape, k, channels_last, broadcast, with_state):
+    """The generated scan with the k x k max pool as its epilogue (``ir_fwd_pool`` / ``ir_bwd_pool``):
+    pooled spikes and final states identical to the plain scan followed by torch's max pool, and so are the
+    gradients of the input, the initial states and the per-channel parameter (float64), rows and columns
+    the pool drops included. Spike windows hold ties (several ones): the gradient must go to torch's pick."""
+    torch.manual_seed(0)
+    K, dtype = 4, torch.float64
+    m = ChannelDecayNeuron(shape[1])
+    L = lift_neuron(m, dtype)
+    x = torch.rand((shape if broadcast else (K,) + shape), dtype=dtype) * 0.9
+    if channels_last:
+        x = (x.contiguous(memory_format=torch.channels_last) if broadcast else
+             x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape))
+    x.requires_grad_(True)
+    s0 = tuple(torch.rand(shape, dtype=dtype, requires_grad=True) for _ in L.state_attrs) if with_state else None
+    params = tuple(p.detach().clone().requires_grad_(True) for p in L.params(m))
+    assert cpu_ir.ir_pool_ok(L.steady, x, broadcast, k)
+    out_p, st_p = ir_c_scan(L.first, L.steady, x, K, broadcast, s0, params, pool=k)
+    out, st = ir_c_scan(L.first, L.steady, x, K, broadcast, s0, params)
+    ref = torch.nn.functional.max_pool2d(out.flatten(0, 1), k).view(K, *out_p.shape[1:])
+    assert torch.equal(out_p, ref) and 0 < ref.mean() < 1
+    assert all(torch.equal(a, b) for a, b in zip(st_p, st))
+    g = torch.randn(ref.shape, dtype=dtype)
+    wrt = (x,) + (s0 or ()) + params
+    gp = torch.autograd.grad((out_p * g).sum() + sum(s.sum() for s in st_p), wrt)
+    gr = torch.autograd.grad((ref * g).sum() + sum(s.sum() for s in st), wrt)
+    for a, b in zip(gp, gr):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_pooled_scan_outside_its_domain_declines():
+    m = ChannelDecayNeuron(4)
+    L = lift_neuron(m, torch.float32)
+    x = torch.rand(3, 2, 4, 5)                            # 3-d steps: no pooled geometry
+    assert not cpu_ir.ir_pool_ok(L.steady, x, False, 2)
+    assert ir_c_scan(L.first, L.steady, x, 3, False, None, L.params(m), pool=2) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_neuron_pool_net_runs_the_pooled_kernel_and_matches_eager(dtype, monkeypatch):
+    from snncc.runtime import dispatch
+    calls = []
+    real = dispatch.lifted_neuron_scan_pooled
+    monkeypatch.setattr(snncc.runtime.executor, "lifted_neuron_scan_pooled",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), ChannelDecayNeuron(8), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 5)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    ref = copy.deepcopy(model)
+    x = torch.rand(3, 2, 8, 8, dtype=dtype) * 2
+    cm = snncc.compile(model, T=4, verify=True)
+    out = cm(x)
+    out_e = _eager(ref, x, 4)
+    assert calls, "the pooled kernel did not run"
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, out_e, **tol)
+    w = torch.randn(out.shape, dtype=dtype)
+    (out * w).sum().backward()
+    (out_e * w).sum().backward()
+    for (n, pe), pc in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, msg=n, **(tol if dtype == torch.float64 else
+                                                                 dict(rtol=1e-4, atol=1e-5)))

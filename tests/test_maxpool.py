@@ -79,13 +79,17 @@ def _user_neuron_net():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lifted_neurons_pool_runs_the_kernel_and_equals_eager(dtype, monkeypatch):
-    """Through the executor: a generated neuron's max pool runs the C pool, and training equals eager
-    (float64: identical spikes)."""
+@pytest.mark.parametrize("in_scan", [True, False])
+def test_lifted_neurons_pool_runs_the_kernel_and_equals_eager(dtype, in_scan, monkeypatch):
+    """Through the executor: a generated neuron's max pool runs in C, as the generated scan's epilogue
+    (``cpu_ir``'s pooled scans) or, where that declines, the C pool after the scan; training equals eager
+    either way (float64: identical spikes)."""
     from conftest import assert_same_training
-    from snncc.runtime import maxpool
-    calls = []
+    from snncc.runtime import cpu_ir, maxpool
+    calls, pooled = [], []
     real = maxpool._PoolKK.apply
     monkeypatch.setattr(maxpool._PoolKK, "apply", lambda *a: calls.append(1) or real(*a))
+    real_ok = cpu_ir.ir_pool_ok
+    monkeypatch.setattr(cpu_ir, "ir_pool_ok", lambda *a: in_scan and (pooled.append(1) or real_ok(*a)))
     assert_same_training(_user_neuron_net, torch.rand(3, 3, 11, 11), T=4, dtype=dtype, every_layer=False)
-    assert calls
+    assert bool(pooled) == in_scan and bool(calls) == (not in_scan)
