@@ -21,7 +21,7 @@ import ctypes
 import torch
 from torch import nn
 
-from . import cbuild
+from . import buffers, cbuild
 from .cpu_source import bn_backward_source
 
 __all__ = ["batch_norm_steps", "step_statistics", "step_backward", "update_running_stats"]
@@ -80,11 +80,12 @@ def update_running_stats(bn: Any, mean: torch.Tensor, var: torch.Tensor, n: int)
 
 
 def step_backward(gy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
-                  invstd: torch.Tensor, eps: float, mask: Sequence[bool]
+                  invstd: torch.Tensor, eps: float, mask: Sequence[bool], gy_scratch: bool = False
                   ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of K training-mode batch norms (``x``, ``gy`` = ``[K, N, C, ...]``; per-step ``mean``,
     ``invstd`` ``[K, C]``) for (input, weight, bias) as ``mask`` asks: eager's backward kernel per step, the
-    weight and bias gradients summed over the steps."""
+    weight and bias gradients summed over the steps. ``gy_scratch``: the caller owns ``gy`` and does not
+    read it again, so the C kernel may write the input gradient over it (no fresh buffer to fault in)."""
     want_x, want_w, want_b = bool(mask[0]), bool(mask[1]) and weight is not None, bool(mask[2])
     if x.dtype != mean.dtype:          # autocast: float16/bfloat16 activations, float32 statistics
         gx, gw, gb = step_backward(gy.float(), x.float(), None if weight is None else weight.float(), mean,
@@ -95,7 +96,7 @@ def step_backward(gy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
     gy = gy.to(x.dtype)
     geometry = _c_geometry(x)
     if geometry is not None:
-        return _c_step_backward(gy, x, w, mean, invstd, geometry, want_x, want_w, want_b)
+        return _c_step_backward(gy, x, w, mean, invstd, geometry, want_x, want_w, want_b, gy_scratch)
     gx = torch.empty_like(x) if want_x else None
     gw: Optional[torch.Tensor] = None
     gb: Optional[torch.Tensor] = None
@@ -156,13 +157,21 @@ def _bn_library(dtype: torch.dtype) -> Any:
 
 
 def _c_step_backward(gy: torch.Tensor, x: torch.Tensor, w: Optional[torch.Tensor], mean: torch.Tensor,
-                     invstd: torch.Tensor, geometry: Tuple[int, ...], want_x: bool, want_w: bool, want_b: bool
+                     invstd: torch.Tensor, geometry: Tuple[int, ...], want_x: bool, want_w: bool, want_b: bool,
+                     gy_scratch: bool = False
                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``step_backward`` by the C kernel (``_c_geometry`` holds): one call for the K steps."""
+    """``step_backward`` by the C kernel (``_c_geometry`` holds): one call for the K steps.
+
+    NOTE: the input gradient is written over ``gy`` when the caller gives it up (``gy_scratch``; the kernel
+    reads each element of a step before writing it), else into a pooled buffer: a fresh 2-4 MiB tensor per
+    layer and step was page-faulted in every call."""
     if gy.stride() != x.stride():
-        gy = torch.empty_like(x).copy_(gy)
+        gy = buffers.empty_strided(x.shape, x.stride(), x.dtype, x.device).copy_(gy)
+        gy_scratch = True
     K, C = x.shape[0], x.shape[2]
-    gx = torch.empty_like(x) if want_x else None
+    gx = None
+    if want_x:
+        gx = gy if gy_scratch else buffers.empty_strided(x.shape, x.stride(), x.dtype, x.device)
     sums = torch.empty((2, K, C), dtype=torch.float64)
     mean_, invstd_ = mean.to(x.dtype).contiguous(), invstd.to(x.dtype).contiguous()
     wc = None if w is None else w.contiguous()

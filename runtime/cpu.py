@@ -450,12 +450,13 @@ class _CBNScan(torch.autograd.Function):
         g_y, g_v0, _ = _scan_grads(lib, ctx.spec, ctx.K, ctx.pool, ctx.pool_cf, b, ctx.x_dtype, ctx.out_meta,
                                    hs, bits, g_out, g_v_last, None, v0, None, rerun=rerun)
         mask = (ctx.needs_input_grad[9], ctx.needs_input_grad[11], ctx.has_bias and ctx.needs_input_grad[12])
+        # g_y is this backward's own buffer: the input gradient may be written over it
         if b:
             g_x, g_w, g_b = step_backward(g_y.unsqueeze(0), x.unsqueeze(0), weight, mean[:1], invstd[:1], ctx.eps,
-                                          mask)
+                                          mask, gy_scratch=True)
             g_x = None if g_x is None else g_x[0]
         else:
-            g_x, g_w, g_b = step_backward(g_y, x, weight, mean, invstd, ctx.eps, mask)
+            g_x, g_w, g_b = step_backward(g_y, x, weight, mean, invstd, ctx.eps, mask, gy_scratch=True)
         return (None, None, None, None, None, None, None, None, None, g_x,
                 g_v0 if ctx.needs_input_grad[10] else None, g_w, g_b)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from snncc.runtime import batchnorm
 from snncc.runtime.batchnorm import batch_norm_steps, step_statistics
 
 
@@ -152,3 +153,24 @@ def test_c_step_backward_takes_other_gradient_strides_and_leaves_odd_layouts_to_
         for a, b in zip(batchnorm.step_backward(g, t, w, m, s_, 1e-5, mask),
                         _aten_step_backward(g, t, w, m, s_, 1e-5, mask)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_step_backward_writes_over_a_scratch_gradient_only_when_allowed(channels_last):
+    """``gy_scratch``: the fused BatchNorm + LIF backward gives up its own gradient buffer, and the input
+    gradient is written over it (same values as into a new buffer); without it ``gy`` is left untouched."""
+    torch.manual_seed(0)
+    K, shape = 3, (4, 5, 6, 6)
+    x = torch.randn(K * shape[0], *shape[1:], dtype=torch.float64)
+    gy = torch.randn_like(x)
+    if channels_last:
+        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+    x, gy = x.view(K, *shape), gy.view(K, *shape)
+    w = torch.linspace(0.5, 1.5, shape[1], dtype=torch.float64)
+    mean, _, invstd = batchnorm.step_statistics(x, 1e-5)
+    keep = gy.clone()
+    gx, gw, gb = batchnorm.step_backward(gy, x, w, mean, invstd, 1e-5, (True, True, True))
+    assert torch.equal(gy, keep) and gx.data_ptr() != gy.data_ptr()
+    gx2, gw2, gb2 = batchnorm.step_backward(gy, x, w, mean, invstd, 1e-5, (True, True, True), gy_scratch=True)
+    assert gx2.data_ptr() == gy.data_ptr()
+    assert torch.equal(gx2, gx) and torch.equal(gw2, gw) and torch.equal(gb2, gb)
