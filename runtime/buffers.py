@@ -112,6 +112,26 @@ def _cl_strides(shape: Sequence[int]) -> Tuple[int, ...]:
     return (h * w * c, 1, w * c, c)
 
 
+_ITEMSIZE: Dict[torch.dtype, int] = {}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element, memoized: ``torch.empty((), dtype=...)`` per call cost ~15 us inside a training
+    step (every torch call is slower there, its code and data evicted by the kernels' traffic)."""
+    n = _ITEMSIZE.get(dtype)
+    if n is None:
+        n = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
+    return n
+
+
+def _contiguous_strides(shape: Sequence[int]) -> Tuple[int, ...]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(out))
+
+
 def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
           channels_last: bool = False, own: bool = False) -> torch.Tensor:
     """Like ``torch.empty`` (contiguous, or channels-last for 4-d), from the pool on CPU.
@@ -121,18 +141,19 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
     attached to; a view's ``_base`` skips intermediate views). The pool's use count sees it all the same.
     """
     shape = tuple(int(s) for s in shape)
-    device = torch.device(device)
-    mf = torch.channels_last if channels_last else torch.contiguous_format
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if device.type != "cpu" or _limit() <= 0:
+        mf = torch.channels_last if channels_last else torch.contiguous_format
         return torch.empty(shape, dtype=dtype, device=device, memory_format=mf)
     numel = 1
     for s in shape:
         numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _itemsize(dtype)
     nbytes = max(numel * itemsize, 1)
     base = _take(nbytes)
     flat = base[:numel * itemsize].view(dtype)
-    strides = _cl_strides(shape) if channels_last else flat.view(shape).stride()
+    strides = _cl_strides(shape) if channels_last else _contiguous_strides(shape)
     if own:
         return torch.empty(0, dtype=dtype, device=device).set_(flat.untyped_storage(), flat.storage_offset(),
                                                                  shape, strides)
@@ -150,7 +171,8 @@ def empty_strided(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtyp
     """Like ``torch.empty_strided``, from the pool on CPU when the strides are dense (no gaps, no overlap:
     any permutation of a contiguous layout); otherwise ``torch.empty_strided`` itself."""
     shape, stride = tuple(int(s) for s in shape), tuple(int(s) for s in stride)
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     numel = 1
     for s in shape:
         numel *= s
@@ -159,6 +181,6 @@ def empty_strided(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtyp
         len({st for n, st in zip(shape, stride) if n > 1}) == sum(1 for n in shape if n > 1)
     if device.type != "cpu" or _limit() <= 0 or not dense:
         return torch.empty_strided(shape, stride, dtype=dtype, device=device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _itemsize(dtype)
     base = _take(numel * itemsize)
     return base[:numel * itemsize].view(dtype).as_strided(shape, stride)

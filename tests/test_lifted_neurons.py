@@ -454,6 +454,33 @@ def test_pooled_generated_scan_equals_scan_then_pool(shape, k, channels_last, br
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("make", [lambda c: ChannelDecayNeuron(c, OddSpike.apply),     # a surrogate only
+                                  lambda c: sj.IzhikevichNode()],                     # two state variables
+                         ids=["user-surrogate", "izhikevich"])
+def test_pooled_generated_scan_with_saved_derivatives_and_two_states(make):
+    """The pooled scans where the forward also saves the spike function's input for a user surrogate's
+    own backward, and where the neuron carries two states: equal to the plain scan then torch's pool."""
+    torch.manual_seed(0)
+    K, shape, dtype = 3, (2, 4, 6, 6), torch.float64
+    m = make(shape[1])
+    L = lift_neuron(m, dtype)
+    x = (torch.rand((K,) + shape, dtype=dtype) * 3.0).requires_grad_(True)
+    params = tuple(p.detach().clone().requires_grad_(p.is_floating_point()) for p in L.params(m))
+    out_p, st_p = ir_c_scan(L.first, L.steady, x, K, False, None, params, pool=2)
+    out, st = ir_c_scan(L.first, L.steady, x, K, False, None, params)
+    ref = torch.nn.functional.max_pool2d(out.flatten(0, 1), 2).view(out_p.shape)
+    assert torch.equal(out_p, ref) and 0 < ref.mean() < 1
+    assert all(torch.equal(a, b) for a, b in zip(st_p, st))
+    g = torch.randn(ref.shape, dtype=dtype)
+    wrt = (x,) + tuple(p for p in params if p.requires_grad)
+    gp = torch.autograd.grad((out_p * g).sum() + sum(s.sum() for s in st_p), wrt, allow_unused=True)
+    gr = torch.autograd.grad((ref * g).sum() + sum(s.sum() for s in st), wrt, allow_unused=True)
+    for a, b in zip(gp, gr):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_pooled_scan_outside_its_domain_declines():
     m = ChannelDecayNeuron(4)
     L = lift_neuron(m, torch.float32)
