@@ -603,6 +603,8 @@ class Executor:
             res = lifted_neuron_scan_pooled(lifted, xs, K, broadcast, state0, lifted.params(m), k)
         pooled = res is not None
         out, state = res if pooled else lifted_neuron_scan(lifted, xs, K, broadcast, state0, lifted.params(m))
+        if not lifted.output_grad:      # a hard threshold: eager's spikes carry no gradient, so neither do these
+            out = out.detach()
         if out.dtype != in_dtype and in_dtype in (torch.float16, torch.bfloat16):
             out = out.to(in_dtype)
         run.states[task.target] = state

@@ -60,13 +60,16 @@ class Lifted:
 
     ``state_attrs``: where the module keeps each state (``first.new_states``/``steady.states`` line up with
     them); ``param_attrs``: the module attribute path of each IR parameter (``steady.params`` order);
-    ``first``: the step from the reset state; ``steady``: every later step."""
+    ``first``: the step from the reset state; ``steady``: every later step. ``output_grad``: the module's
+    output carries a gradient in training (False for a hard threshold without a surrogate: eager's output
+    then has no ``grad_fn``, so nothing before the neuron gets a gradient, not even a zero one)."""
 
     state_attrs: Tuple[str, ...]
     param_attrs: Tuple[str, ...]
     first: NeuronIR
     steady: NeuronIR
     dtype: torch.dtype
+    output_grad: bool = True
 
     def params(self, m: nn.Module) -> Tuple[torch.Tensor, ...]:
         return tuple(_get_path(m, p) for p in self.param_attrs)
@@ -925,7 +928,9 @@ def _record_steps(m: nn.Module, dtype: torch.dtype) -> Lifted:
             raise LiftFailure(f"its state '{k}' changes dtype across a step")
     pattrs = tuple(dict.fromkeys(fparams + sparams))
     pnames = tuple(f"p_{p.replace('.', '_')}" for p in pattrs)
-    return Lifted(names, pattrs, _with_params(first, pnames), _with_params(steady, pnames), dtype)
+    # recorded with gradients (training): whether eager's output had any; unknown (True) otherwise
+    out_grad = not grad or any(isinstance(o, torch.Tensor) and o.requires_grad for o in (out, out2))
+    return Lifted(names, pattrs, _with_params(first, pnames), _with_params(steady, pnames), dtype, out_grad)
 
 
 def retarget(lifted: Lifted, dtype: torch.dtype) -> Lifted:

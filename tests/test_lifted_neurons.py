@@ -515,3 +515,44 @@ def test_conv_neuron_pool_net_runs_the_pooled_kernel_and_matches_eager(dtype, mo
     for (n, pe), pc in zip(ref.named_parameters(), model.parameters()):
         torch.testing.assert_close(pc.grad, pe.grad, msg=n, **(tol if dtype == torch.float64 else
                                                                  dict(rtol=1e-4, atol=1e-5)))
+
+
+class HardThresholdNeuron(nn.Module):
+    """A neuron with a hard threshold and no surrogate: its spikes carry no gradient in eager."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v = None
+
+    def reset(self) -> None:
+        self.v = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.v is None:
+            self.v = torch.zeros_like(x)
+        h = 0.5 * self.v + x
+        s = (h >= 1.0).float()
+        self.v = h * (1 - s)
+        return s
+
+
+def test_hard_threshold_neuron_gives_no_gradient_upstream_as_in_eager():
+    """Regression: the compiled scan gave the layers before a hard-threshold neuron zero gradients where
+    eager gives none (``grad is None``), which optimizers treat differently (weight decay, skipping)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), HardThresholdNeuron(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    ref = copy.deepcopy(model)
+    x = torch.rand(5, 4)
+    xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = snncc.compile(model, T=3)(xc)
+    out_e = _eager(ref, xe, 3)
+    assert torch.equal(out, out_e) and out_e.abs().sum() > 0
+    out.sum().backward()
+    out_e.sum().backward()
+    assert xe.grad is None and ref[0].weight.grad is None          # eager: nothing before the threshold
+    assert xc.grad is None and model[0].weight.grad is None
+    torch.testing.assert_close(model[2].weight.grad, ref[2].weight.grad)
+    assert lift_neuron(HardThresholdNeuron(), torch.float32).output_grad is False
+    assert lift_neuron(ChannelDecayNeuron(3), torch.float32).output_grad is True
