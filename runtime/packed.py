@@ -367,16 +367,12 @@ def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]
     return None if t is None else t.to(dtype)
 
 
-def _sparse_linear_gw_ok(gy2: torch.Tensor, shape: Tuple[int, ...], strides: Tuple[int, ...]) -> bool:
-    """The spike-driven weight gradient's domain: CPU float32, a contiguous input (its bits in row order),
-    ``Cin % 8 == 0`` and ``Cout % 8 == 0``."""
+def _sparse_linear_gw_ok(gy2: torch.Tensor, fin: int) -> bool:
+    """The spike-driven weight gradient's domain: CPU float32, ``Cin % 8 == 0`` and ``Cout % 8 == 0`` (the
+    input's bits are in row order: the forward packs only contiguous inputs)."""
     from . import cpu
-    n = 1
-    for d in shape:
-        n *= d
-    contiguous = torch.empty_strided(shape, strides, device="meta").is_contiguous()
-    return (gy2.device.type == "cpu" and gy2.dtype == torch.float32 and contiguous and shape[-1] % 8 == 0
-            and gy2.shape[-1] % 8 == 0 and gy2.shape[0] * shape[-1] == n and cpu.compiler_available())
+    return (gy2.device.type == "cpu" and gy2.dtype == torch.float32 and fin % 8 == 0 and gy2.shape[-1] % 8 == 0
+            and cpu.compiler_available())
 
 
 def _sparse_linear_gw(bits: torch.Tensor, gy2: torch.Tensor, fin: int) -> torch.Tensor:
@@ -422,7 +418,7 @@ class _PackedLinear(torch.autograd.Function):
             def dense() -> torch.Tensor:
                 x = unpack_spikes(saved, shape, strides, dtype) if packed else saved
                 return gy2.t().matmul(x.to(gy.dtype).reshape(-1, shape[-1]))
-            if packed and _sparse_linear_gw_ok(gy2, shape, strides) and ones <= SPARSE_DENSITY * gy2.shape[0] * shape[-1]:
+            if packed and _sparse_linear_gw_ok(gy2, shape[-1]) and ones <= SPARSE_DENSITY * gy2.shape[0] * shape[-1]:
                 key = ("linear_gw", tuple(shape), tuple(weight.shape), torch.get_num_threads())
                 gw = _CHOICE.run(key, ones, dense, lambda: _sparse_linear_gw(saved, gy2, shape[-1]))
             else:

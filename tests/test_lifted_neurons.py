@@ -53,22 +53,32 @@ class OddSpike(torch.autograd.Function):
         return g * torch.exp(-x * x) * (1.0 + 0.5 * torch.cos(x))
 
 
-class ChannelDecayNeuron(nn.Module):
+class _LazyStateNeuron(nn.Module):
+    """A user's neuron keeping its state in ``self.v``: None after reset, zeros at the first step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v = None
+
+    def reset(self) -> None:
+        self.v = None
+
+    def _v(self, x: torch.Tensor) -> torch.Tensor:
+        if self.v is None:
+            self.v = torch.zeros_like(x)
+        return self.v
+
+
+class ChannelDecayNeuron(_LazyStateNeuron):
     """A user's neuron: state in self.v (None after reset), learnable per-channel decay, own surrogate."""
 
     def __init__(self, channels: int, spike: Callable = FastSigmoidSpike.apply) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.linspace(-1.0, 1.5, channels).view(channels, 1, 1))
         self.spike = spike
-        self.v = None
-
-    def reset(self) -> None:
-        self.v = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.v is None:
-            self.v = torch.zeros_like(x)
-        h = self.v * torch.sigmoid(self.w) + x
+        h = self._v(x) * torch.sigmoid(self.w) + x
         s = self.spike(h - 1.0)
         self.v = h - s.detach() * 1.0
         return s
@@ -517,20 +527,11 @@ def test_conv_neuron_pool_net_runs_the_pooled_kernel_and_matches_eager(dtype, mo
                                                                  dict(rtol=1e-4, atol=1e-5)))
 
 
-class HardThresholdNeuron(nn.Module):
+class HardThresholdNeuron(_LazyStateNeuron):
     """A neuron with a hard threshold and no surrogate: its spikes carry no gradient in eager."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.v = None
-
-    def reset(self) -> None:
-        self.v = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.v is None:
-            self.v = torch.zeros_like(x)
-        h = 0.5 * self.v + x
+        h = 0.5 * self._v(x) + x
         s = (h >= 1.0).float()
         self.v = h * (1 - s)
         return s
