@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Tuple
 
 import ctypes
+import functools
 
 import torch
 from torch import nn
@@ -147,6 +148,7 @@ def _c_geometry(x: torch.Tensor) -> Optional[Tuple[int, ...]]:
     return (x.shape[1], x.shape[2], S, x.stride(0), x.stride(1), sc, ss)
 
 
+@functools.lru_cache(maxsize=None)   # the source is generated and hashed once per argument, not per call
 def _bn_library(dtype: torch.dtype) -> Any:
     lib = cbuild._library(bn_backward_source(dtype))
     if not getattr(lib, "_snncc_typed", False):

@@ -16,6 +16,7 @@ pair's (the same conv path, then a max, which rounds nothing); gradients equal e
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Any, Optional, Tuple
 
 import torch
@@ -43,6 +44,7 @@ def conv_pool_ok(m: nn.Conv2d, x: torch.Tensor, w: torch.Tensor) -> bool:
             and compiler_available())
 
 
+@functools.lru_cache(maxsize=None)   # the source is generated and hashed once per argument, not per call
 def _lib(ci: int, kh: int, kw: int, pk: int) -> Any:
     lib = _library(conv_pool_source(ci, kh, kw, pk))
     if not getattr(lib, "_snncc_typed", False):

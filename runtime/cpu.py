@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -77,11 +78,13 @@ def _conv_from_bits_library(src: str, fn: str) -> Any:
     return lib
 
 
+@functools.lru_cache(maxsize=None)   # the source is generated and hashed once per argument, not per call
 def sparse_conv_library(cout: int) -> Any:
     """The compiled spike-input convolution for ``cout`` output channels (block ``sparse_block(cout)``)."""
     return _conv_from_bits_library(sparse_conv_source(sparse_block(cout)), "sconv2d_fwd")
 
 
+@functools.lru_cache(maxsize=None)
 def sparse_linear_library(cout: int) -> Any:
     """The compiled spike-input linear for ``cout`` outputs (block ``sparse_block(cout)``)."""
     lib = _library(sparse_linear_source(sparse_block(cout)))
@@ -93,9 +96,18 @@ def sparse_linear_library(cout: int) -> Any:
     return lib
 
 
+@functools.lru_cache(maxsize=None)
 def table_conv_library(cout: int) -> Any:
     """The compiled table-lookup spike-input convolution for ``cout`` output channels."""
     return _conv_from_bits_library(table_conv_source(table_block(cout)), "tconv2d_fwd")
+
+
+@functools.lru_cache(maxsize=None)
+def _transpose_library() -> Any:
+    lib = _library(transpose_source())
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.transpose_f32.argtypes = [ptr, ptr, i64, i64, cint]
+    return lib
 
 
 def transposed(w: torch.Tensor) -> torch.Tensor:
@@ -104,16 +116,12 @@ def transposed(w: torch.Tensor) -> torch.Tensor:
     if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or \
             not compiler_available():
         return w.t().contiguous()
-    lib = _library(transpose_source())
-    if not getattr(lib, "_snncc_typed", False):
-        i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.transpose_f32.argtypes = [ptr, ptr, i64, i64, cint]
-        lib._snncc_typed = True
     out = torch.empty((w.shape[1], w.shape[0]), dtype=w.dtype)
-    lib.transpose_f32(w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
+    _transpose_library().transpose_f32(w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def bits_library(dtype: torch.dtype) -> Any:
     """The compiled pack/unpack functions for ``dtype`` (float32/float64)."""
     lib = _library(bits_source(dtype))

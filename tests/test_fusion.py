@@ -3,6 +3,9 @@ every fused path (max-pool epilogue, eval BatchNorm folding, spike inputs kept a
 from __future__ import annotations
 
 import copy
+import ctypes
+import os
+import platform
 
 import pytest
 import torch
@@ -167,6 +170,46 @@ def test_unpack_every_byte_value_c_vs_torch(n, monkeypatch):
     ref = unpack_spikes(bits, (n,), (1,), torch.float32)
     assert torch.equal(c, ref)
     assert torch.equal(c[8:16], torch.tensor([1., 0, 0, 0, 0, 0, 0, 0]))       # byte 1: bit 0 first
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set variants")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "native"])
+def test_bit_packer_every_instruction_set_equals_torch(march, dtype, monkeypatch):
+    """The packer/unpacker's scalar, AVX2 and AVX-512 paths (chosen at compile time by ``-march``; this
+    machine's native build takes one of the vector paths) against the torch packer: sizes that end inside a
+    vector and inside a byte, -0.0 (a zero), and a NaN or a 2 at a vector lane and in the tail (refused)."""
+    import numpy as np
+    from snncc.runtime import cbuild
+    from snncc.runtime.cpu_source import bits_source
+    from snncc.runtime.packed import _pack_torch
+    if march != "native":
+        import subprocess
+        probe = subprocess.run([os.environ.get("CC", "gcc"), f"-march={march}", "-x", "c", "-E", "-"],
+                               input="", capture_output=True, text=True)
+        if probe.returncode != 0:
+            pytest.skip(f"the C compiler does not know -march={march}")
+    monkeypatch.setattr(cbuild, "_FLAGS", [f if not f.startswith("-march=") else f"-march={march}"
+                                           for f in cbuild._FLAGS])
+    lib = cbuild._library(bits_source(dtype))
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.pack_check.argtypes, lib.pack_check.restype = [ptr, i64, ptr, cint], i64
+    lib.unpack.argtypes = [ptr, i64, ptr, cint]
+    g = torch.Generator().manual_seed(3)
+    for n in (7, 16, 37, 8 * 4096 * 2 + 29):
+        x = (torch.rand(n, generator=g) < 0.3).to(dtype)
+        x[torch.rand(n, generator=g) < 0.2] = -0.0
+        out = torch.empty((n + 7) // 8, dtype=torch.uint8)
+        ones = lib.pack_check(x.data_ptr(), n, out.data_ptr(), 2)
+        assert ones == int(x.sum()) and torch.equal(out, _pack_torch(x))
+        back = torch.empty(n, dtype=dtype)
+        lib.unpack(out.data_ptr(), n, back.data_ptr(), 2)
+        assert torch.equal(back, x) and not np.signbit(back.numpy()).any()
+        for bad_at in (n // 2, n - 1):
+            for bad in (float("nan"), 2.0):
+                y = x.clone()
+                y[bad_at] = bad
+                assert lib.pack_check(y.data_ptr(), n, out.data_ptr(), 2) == -1
 
 
 @pytest.mark.parametrize("backend", ["c", "reference"])
