@@ -14,7 +14,7 @@ formula, which was what snncc did before (measured: 7.9 ms vs 0.45 ms for the st
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import ctypes
 import functools
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import buffers, cbuild
-from .cpu_source import bn_backward_source
+from .cpu_source import bn_backward_source, bn_stats_source
 
 __all__ = ["batch_norm_steps", "step_statistics", "step_backward", "update_running_stats"]
 
@@ -45,6 +45,15 @@ def step_statistics(x: torch.Tensor, eps: float, bn: Optional[nn.Module] = None
 
     NOTE: the inverse std is ``1 / sqrt(var + eps)`` in double, rounded once to x's dtype: what the CPU
     kernel computes (``rsqrt`` in float32 differs from it in the last bit for some channels)."""
+    fast = _c_step_statistics(x, eps, bn)
+    if fast is not None:
+        return fast
+    return _aten_step_statistics(x, eps, bn)
+
+
+def _aten_step_statistics(x: torch.Tensor, eps: float, bn: Optional[nn.Module]
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``step_statistics`` by eager's own ATen call per step (every layout and dtype)."""
     K = x.shape[0]
     sdt = _stat_dtype(x)
     direct = _tracks(bn) and bn.running_mean.dtype == x.dtype and bn.running_var.dtype == x.dtype
@@ -60,10 +69,156 @@ def step_statistics(x: torch.Tensor, eps: float, bn: Optional[nn.Module] = None
             means.append(m)
             variances.append(v)
         mean, var = torch.stack(means).to(sdt), torch.stack(variances).to(sdt)
-        invstd = (1.0 / torch.sqrt(var.double() + eps)).to(sdt)
+        invstd = _inverse_std(var, eps).to(sdt)
     if _tracks(bn) and not direct:       # running statistics in another dtype (AMP): the general update
         update_running_stats(bn, mean, var, x[0].numel() // x.shape[2])
     return mean, var, invstd
+
+
+def _stats_geometry(x: torch.Tensor) -> Optional[Tuple[int, int, int, int, bool]]:
+    """(N, C, S, step stride, channels innermost) of ``x`` = [K, N, C, *spatial] where ``bn_stats_source``
+    replays ATen's kernel: a CPU float32/float64 input whose steps are contiguous (NCHW; one element per
+    plane counts as channels innermost, as in ATen) or 4-d channels-last; None elsewhere (ATen runs)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 3 or x.numel() == 0:
+        return None
+    step = x[0]
+    n, c = step.shape[0], step.shape[1]
+    s = step.numel() // (n * c)
+    if step.is_contiguous():
+        cl = s == 1
+    elif step.dim() == 4 and step.is_contiguous(memory_format=torch.channels_last):
+        cl = True
+    else:
+        return None
+    if not cbuild.compiler_available():
+        return None
+    return n, c, s, x.stride(0), cl
+
+
+@functools.lru_cache(maxsize=None)
+def _stats_library(dtype: torch.dtype) -> Any:
+    lib = cbuild._library(bn_stats_source(dtype))
+    i64, ptr, cint, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+    lib.bn_stats.argtypes = [ptr, i64, cint, i64, i64, i64, i64, cint, i64, cint, dbl] + [ptr] * 7 + [cint]
+    return lib
+
+
+#: (dtype, layout, channels, rows, parts) -> the variance variant (0: multiply then add, 1: fused) that gave
+#: ATen's statistics bit for bit on this geometry's first call, or None: they differed, ATen runs
+_VERIFIED: Dict[Tuple[Any, ...], Optional[int]] = {}
+
+
+def _run_c_stats(x: torch.Tensor, geometry: Tuple[int, int, int, int, bool], fma_var: int, eps: float,
+                 factors: Optional[List[float]], rm: Optional[torch.Tensor], rv: Optional[torch.Tensor]
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ``bn_stats`` call; ``rm``/``rv`` (contiguous, x's dtype) are updated in place."""
+    n, c, s, sk, cl = geometry
+    K, nt = x.shape[0], torch.get_num_threads()
+    parts = nt if nt > 1 and n * s > 1 else 1       # at::parallel_for's split of the rows (serial: one)
+    out = torch.empty((3, K, c), dtype=x.dtype)
+    buf = torch.empty((max(K * parts, K) * c,), dtype=x.dtype)
+    mom = torch.tensor(factors, dtype=torch.float64) if factors is not None else None
+    _stats_library(x.dtype).bn_stats(
+        x.data_ptr(), K, int(sk == 0), sk, n, c, s, int(cl), parts, fma_var, float(eps),
+        None if mom is None else mom.data_ptr(), out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(),
+        None if rm is None else rm.data_ptr(), None if rv is None else rv.data_ptr(), buf.data_ptr(), nt)
+    return out[0], out[1], out[2]
+
+
+def _momenta(bn: Any, K: int) -> List[float]:
+    """The K steps' running-average factors, as K training-mode module calls compute them (``momentum``,
+    or with ``momentum=None`` the cumulative average ``1 / num_batches_tracked`` after each increment)."""
+    if bn.momentum is not None:
+        return [float(bn.momentum)] * K
+    done = int(bn.num_batches_tracked)
+    return [1.0 / float(done + k + 1) for k in range(K)]
+
+
+def _c_step_statistics(x: torch.Tensor, eps: float, bn: Optional[nn.Module]
+                       ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``step_statistics`` in one C call (``bn_stats_source``), or None where it does not apply.
+
+    NOTE: trusted only once it has given ATen's results bit for bit: the first call per geometry runs
+    both (the C kernel on copies of the running statistics), keeps the variance variant that matched, and
+    returns ATen's; a geometry where neither matched (another ATen build, another algorithm) stays on
+    ATen. The result is eager's either way."""
+    geometry = _stats_geometry(x)
+    if geometry is None:
+        return None
+    tracks = _tracks(bn)
+    if tracks and not (bn.running_mean.dtype == x.dtype == bn.running_var.dtype
+                       and bn.running_mean.is_contiguous() and bn.running_var.is_contiguous()):
+        return None
+    n, c, s, _, cl = geometry
+    nt = torch.get_num_threads()
+    key = (x.dtype, cl, c, n * s, nt if nt > 1 and n * s > 1 else 1)
+    K = x.shape[0]
+    if key in _VERIFIED:
+        variant = _VERIFIED[key]
+        if variant is None:
+            return None
+        with torch.no_grad():
+            factors = _momenta(bn, K) if tracks else None
+            stats = _run_c_stats(x, geometry, variant, eps, factors, bn.running_mean if tracks else None,
+                                 bn.running_var if tracks else None)
+            if tracks:
+                bn.num_batches_tracked.add_(K)
+        return stats
+    variant = _variance_variant(x.dtype, cl)
+    _VERIFIED[key] = None
+    if variant is None:
+        return None
+    with torch.no_grad():
+        rm = bn.running_mean.clone() if tracks else None
+        rv = bn.running_var.clone() if tracks else None
+        stats = _run_c_stats(x, geometry, variant, eps, _momenta(bn, K) if tracks else None, rm, rv)
+    ref = _aten_step_statistics(x, eps, bn)
+    same = all(torch.equal(a, b) for a, b in zip(stats, ref))
+    if same and tracks:
+        same = torch.equal(rm, bn.running_mean) and torch.equal(rv, bn.running_var)
+    if same:
+        _VERIFIED[key] = variant
+    return ref
+
+
+@functools.lru_cache(maxsize=None)
+def _variance_variant(dtype: torch.dtype, cl: bool) -> Optional[int]:
+    """Which variance sum (0: ``b + d * d``, 1: ``fma(d, d, b)``) reproduces this torch build's
+    ``batch_norm_update_stats`` for a layout, found on random values (where the two differ), or None if
+    neither does. Whether ATen's vector kernel was compiled with floating-point contraction is a property
+    of the build, not of the data; real inputs (small integers, spikes) may not tell the two apart."""
+    g = torch.Generator().manual_seed(0)
+    # few rows per channel, many channels: each product's rounding shows in its channel's sum (over
+    # thousands of rows the two variants often round to the same total)
+    probes = [torch.randn(2, 512, 1, 3, generator=g, dtype=dtype) * 3 + 1,
+              torch.randn(5, 24, 7, 9, generator=g, dtype=dtype) * 3 + 1]
+    for variant in (0, 1):
+        ok = True
+        for x in probes:
+            x = x.contiguous(memory_format=torch.channels_last) if cl else x
+            steps = x.unsqueeze(0)
+            geometry = _stats_geometry(steps)
+            if geometry is None or geometry[4] != cl:
+                return None
+            ref_mean, ref_var = torch.batch_norm_update_stats(x, None, None, 0.0)
+            mean, var, _ = _run_c_stats(steps, geometry, variant, 1e-5, None, None, None)
+            ok = ok and torch.equal(mean[0], ref_mean) and torch.equal(var[0], ref_var)
+        if ok:
+            return variant
+    return None
+
+
+def _inverse_std(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(var + eps)`` in double, correctly rounded, as ATen's scalar ``InvStd`` computes it.
+
+    NOTE: on CPU by numpy (the hardware square root): torch's vectorized float64 ``sqrt`` is off by one
+    ulp for some values, which made the saved inverse std of float64 layers differ from eager's in the last
+    bit (found when the C statistics kernel, which uses ``sqrt``, disagreed with this path)."""
+    v = var.double()
+    if v.device.type == "cpu":
+        import numpy as np
+        return torch.from_numpy(1.0 / np.sqrt(v.numpy() + eps))
+    return 1.0 / torch.sqrt(v + eps)
 
 
 def update_running_stats(bn: Any, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:

@@ -56,14 +56,89 @@ def test_batch_norm_steps_is_eager(dtype, layout, momentum):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
-def test_step_statistics_are_eagers_saved_mean_and_invstd():
-    torch.manual_seed(1)
-    x = (torch.randn(4 * 8, 16, 6, 6) * 2 + 3).to(memory_format=torch.channels_last).view(4, 8, 16, 6, 6)
-    mean, var, invstd = step_statistics(x, 1e-5)
-    w, b = torch.ones(16), torch.zeros(16)
-    for k in range(4):
-        _, sm, si = torch.native_batch_norm(x[k], w, b, None, None, True, 0.1, 1e-5)
-        assert torch.equal(mean[k], sm) and torch.equal(invstd[k], si)
+def _stats_input(layout: str, dtype: torch.dtype, K: int, seed: int) -> torch.Tensor:
+    """[K, N, C, ...] inputs in the layouts the statistics kernel replays ATen on."""
+    g = torch.Generator().manual_seed(seed)
+    if layout in ("channels-last", "broadcast"):
+        x = (torch.randn(K * 8, 16, 6, 5, generator=g, dtype=dtype) * 2 + 3).to(memory_format=torch.channels_last)
+        x = x.view(K, 8, 16, 6, 5)
+        return x[:1].expand(K, *x.shape[1:]) if layout == "broadcast" else x   # stride 0: one step for all
+    if layout == "nchw":
+        return torch.randn(K, 8, 16, 6, 5, generator=g, dtype=dtype) * 2 + 3
+    if layout == "1d":                                  # [N, C]: one element per plane
+        return torch.randn(K, 24, 16, generator=g, dtype=dtype) * 2 + 3
+    return torch.randn(K, 8, 16, 11, generator=g, dtype=dtype) * 2 + 3      # "1d-tokens": [N, C, L]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["channels-last", "nchw", "1d", "1d-tokens", "broadcast"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_step_statistics_are_eagers_saved_mean_invstd_and_running_stats(dtype, layout, momentum, monkeypatch):
+    """Bit for bit eager's: each step's saved mean and inverse std (``native_batch_norm``), the running
+    statistics and ``num_batches_tracked`` after K training-mode module calls.
+
+    The first call per geometry checks the C kernel against ATen and returns ATen's result; the second
+    runs the C kernel alone, and it must be in use here (this torch build is the one it replays: a
+    kernel that drifted from ATen would silently fall back, which this assertion catches).
+    Regression: in float64 the inverse std by torch's vectorized ``sqrt`` was off by one ulp for some
+    channels."""
+    if not batchnorm.cbuild.compiler_available():
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(batchnorm, "_VERIFIED", {})
+    K, eps = 4, 1e-5
+    C = 16
+    bn = (nn.BatchNorm2d(C, momentum=momentum) if layout in ("channels-last", "broadcast", "nchw")
+          else nn.BatchNorm1d(C, momentum=momentum)).to(dtype).train()
+    ref = copy.deepcopy(bn)
+    w, b = torch.ones(C, dtype=dtype), torch.zeros(C, dtype=dtype)
+    for seed in (1, 2):
+        x = _stats_input(layout, dtype, K, seed)
+        mean, var, invstd = step_statistics(x, eps, bn)
+        with torch.no_grad():
+            for k in range(K):
+                ref(x[k])
+                _, sm, si = torch.native_batch_norm(x[k], w, b, None, None, True, 0.1, eps)
+                assert torch.equal(mean[k], sm) and torch.equal(invstd[k], si), (seed, k)
+                assert torch.equal(var[k], torch.batch_norm_update_stats(x[k], None, None, 0.0)[1])
+        assert torch.equal(bn.running_mean, ref.running_mean) and torch.equal(bn.running_var, ref.running_var)
+        assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == K * seed
+    planes = layout in ("nchw", "1d-tokens")
+    used = list(batchnorm._VERIFIED.values())
+    assert len(used) == 1
+    if dtype == torch.float64 and planes:
+        # this torch build sums float64 NCHW variances in another order than the one replayed: the probe
+        # keeps that case on ATen (the values above are eager's either way)
+        assert used[0] == batchnorm._variance_variant(dtype, False)
+    else:
+        assert used[0] is not None and used[0] == batchnorm._variance_variant(dtype, not planes)
+
+
+def test_step_statistics_stay_on_aten_where_the_c_kernel_disagrees(monkeypatch):
+    """A C result that differs from ATen's on a geometry's first call (another torch build) puts that
+    geometry on ATen for good: every call's statistics are still eager's."""
+    if not batchnorm.cbuild.compiler_available():
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(batchnorm, "_VERIFIED", {})
+    real = batchnorm._run_c_stats
+    calls = []
+
+    def drifted(*a, **k):
+        calls.append(1)
+        mean, var, invstd = real(*a, **k)
+        return mean + 1e-3, var, invstd
+    monkeypatch.setattr(batchnorm, "_run_c_stats", drifted)
+    bn = nn.BatchNorm2d(16).train()
+    ref = copy.deepcopy(bn)
+    for seed in (1, 2):
+        x = _stats_input("channels-last", torch.float32, 3, seed)
+        mean, _, invstd = step_statistics(x, 1e-5, bn)
+        with torch.no_grad():
+            for k in range(3):
+                ref(x[k])
+                _, sm, si = torch.native_batch_norm(x[k], None, None, None, None, True, 0.1, 1e-5)
+                assert torch.equal(mean[k], sm) and torch.equal(invstd[k], si)
+        assert torch.equal(bn.running_mean, ref.running_mean) and torch.equal(bn.running_var, ref.running_var)
+    assert list(batchnorm._VERIFIED.values()) == [None] and len(calls) == 1     # not tried again
 
 
 def test_pooled_empty_strided():
