@@ -6,11 +6,13 @@ running statistics are updated once per step (K updates, in time order). This do
 that keeps only the input and the per-step mean and inverse std (what ``torch.batch_norm`` keeps), instead
 of K separate module calls and autograd nodes.
 
-NOTE: the per-step statistics and gradients come from the ATen kernels eager's ``batch_norm`` runs
-(``batch_norm_update_stats``, ``native_batch_norm_backward``), one call per step. They give eager's values
-bit for bit (its mean, its inverse std, its running-statistics update) and are 10-20x faster on CPU than
-reducing a channels-last ``[K, N, C, H, W]`` over ``(1, 3, 4)`` with ``var_mean`` and the textbook backward
-formula, which was what snncc did before (measured: 7.9 ms vs 0.45 ms for the stats of 8 x 32 x 16 x 16 x 16).
+NOTE: the per-step statistics are eager's bit for bit (its mean, its inverse std, its running-statistics
+update): on CPU one C call for the K steps replaying ATen's algorithm (``cpu_source.bn_stats_source``,
+checked against ATen before it is trusted), elsewhere ATen's ``batch_norm_update_stats`` per step. Both are
+10-20x faster than reducing a channels-last ``[K, N, C, H, W]`` over ``(1, 3, 4)`` with ``var_mean``,
+which was what snncc did before (7.9 ms vs 0.45 ms for the stats of 8 x 32 x 16 x 16 x 16; the C call:
+0.34 ms). The backward is ATen's formula in C with double sums (``bn_backward_source``), equal to eager's
+kernel to float rounding.
 """
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ def _tracks(bn: Optional[nn.Module]) -> bool:
 def step_statistics(x: torch.Tensor, eps: float, bn: Optional[nn.Module] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-step batch mean, biased variance and inverse std of ``x`` = ``[K, N, C, ...]``, each ``[K, C]``,
-    as eager's training-mode ``batch_norm`` computes them. With ``bn`` (a module in training mode), its
-    running statistics are updated K times in time order, by the same ATen call eager's update makes.
+    as eager's training-mode ``batch_norm`` computes them, bit for bit. With ``bn`` (a module in training
+    mode), its running statistics are updated K times in time order, as K module calls update them. One C
+    call for the K steps where it replays ATen exactly (``_c_step_statistics``), else ATen per step.
 
     NOTE: the inverse std is ``1 / sqrt(var + eps)`` in double, rounded once to x's dtype: what the CPU
     kernel computes (``rsqrt`` in float32 differs from it in the last bit for some channels)."""
@@ -116,7 +119,7 @@ def _run_c_stats(x: torch.Tensor, geometry: Tuple[int, int, int, int, bool], fma
     K, nt = x.shape[0], torch.get_num_threads()
     parts = nt if nt > 1 and n * s > 1 else 1       # at::parallel_for's split of the rows (serial: one)
     out = torch.empty((3, K, c), dtype=x.dtype)
-    buf = torch.empty((max(K * parts, K) * c,), dtype=x.dtype)
+    buf = torch.empty((K * parts * c,), dtype=x.dtype)
     mom = torch.tensor(factors, dtype=torch.float64) if factors is not None else None
     _stats_library(x.dtype).bn_stats(
         x.data_ptr(), K, int(sk == 0), sk, n, c, s, int(cl), parts, fma_var, float(eps),
@@ -138,10 +141,11 @@ def _c_step_statistics(x: torch.Tensor, eps: float, bn: Optional[nn.Module]
                        ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``step_statistics`` in one C call (``bn_stats_source``), or None where it does not apply.
 
-    NOTE: trusted only once it has given ATen's results bit for bit: the first call per geometry runs
-    both (the C kernel on copies of the running statistics), keeps the variance variant that matched, and
-    returns ATen's; a geometry where neither matched (another ATen build, another algorithm) stays on
-    ATen. The result is eager's either way."""
+    NOTE: trusted only once it has given ATen's results bit for bit. ``_variance_variant``'s probe picks
+    the variance sum this torch build uses (or rules the layout out); then the first call per geometry runs
+    both the C kernel (on copies of the running statistics) and ATen, returns ATen's result, and keeps the
+    geometry on the C kernel only if all of it matched (mean, variance, inverse std, running statistics).
+    The result is eager's either way."""
     geometry = _stats_geometry(x)
     if geometry is None:
         return None

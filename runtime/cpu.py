@@ -401,8 +401,8 @@ class _CBNScan(torch.autograd.Function):
     """Training BatchNorm + IF/LIF scan (+ max-pool epilogue) over K steps, fused.
 
     Step mode's BatchNorm: step t normalized with its own batch statistics. Forward computes the K steps'
-    statistics (eager's kernel, ``batchnorm.step_statistics``, which also updates ``bn``'s running statistics
-    K times), then the scan kernel applies each step's ``x * alpha + beta`` to its input as it reads it, so
+    statistics (eager's values bit for bit, ``batchnorm.step_statistics``, which also updates ``bn``'s
+    running statistics K times), then the scan kernel applies each step's ``x * alpha + beta`` to its input as it reads it, so
     the normalized tensor never exists. Kept for backward: the input (BatchNorm's backward needs it, as in
     eager), the per-step mean and inverse std, H and the spike bits. Backward: the scan kernel gives the
     gradient of the normalized input, then eager's BatchNorm backward per step (``batchnorm.step_backward``).
