@@ -761,7 +761,17 @@ class _patched_apply:
         sys.setprofile(self._profile)
 
     def __exit__(self, *exc: Any) -> None:
-        sys.setprofile(self.previous)
+        previous = self.previous
+        if previous is None or callable(previous):
+            sys.setprofile(previous)
+        else:
+            # a C-level profiler (``cProfile.Profile``: ``sys.getprofile`` returns the object, which
+            # ``sys.setprofile`` cannot take back); it re-installs itself. Regression: compiling under
+            # cProfile raised "'Profile' object is not callable" and every lifted neuron ran opaque.
+            sys.setprofile(None)
+            enable = getattr(previous, "enable", None)
+            if enable is not None:
+                enable()
         torch.autograd.Function.apply = _ORIG_APPLY
         _TLS.recorder = None
 

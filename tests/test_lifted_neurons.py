@@ -161,6 +161,24 @@ def test_user_neuron_with_channel_decay_and_own_surrogate():
     _check_golden(lambda: ChannelDecayNeuron(4), torch.float64, head=False)
 
 
+def test_lifting_under_cprofile_keeps_the_users_profiler():
+    """Regression: compiling while the user profiles with cProfile raised "'Profile' object is not
+    callable" inside the lift (restoring a C-level profiler through ``sys.setprofile``), so every
+    generated neuron ran opaque. The bound-``apply`` surrogate (caught by the lift's profile hook) is
+    found, and the user's profiler is active again afterwards."""
+    import cProfile
+    import sys
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        lifted = lift_neuron(ChannelDecayNeuron(4, OddSpike.apply), torch.float64)
+        after = sys.getprofile()
+    finally:
+        prof.disable()
+    assert lifted.steady.surrogates[0].opaque
+    assert after is prof
+
+
 def test_user_neuron_surrogate_without_known_formula():
     """The derivative comes from the user's own backward (precomputed over the chunk)."""
     m = ChannelDecayNeuron(4, OddSpike.apply)
