@@ -106,8 +106,22 @@ def table_conv_library(cout: int) -> Any:
 def _transpose_library() -> Any:
     lib = _library(transpose_source())
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.transpose_f32.argtypes = [ptr, ptr, i64, i64, cint]
+    lib.transpose_f32.argtypes = [ptr, ptr, i64, i64, i64, cint]
     return lib
+
+
+def _copy_to_channels_last(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for a channels-last ``[..., C, H, W]`` ``dst`` and an NCHW-contiguous ``src``:
+    float32 by the tiled C transpose, one C x HW plane per image; anything else by torch."""
+    c = src.shape[-3]
+    hw = src.shape[-2] * src.shape[-1]
+    if src.dtype != torch.float32 or not src.is_contiguous() or dst.dtype != src.dtype or c == 1 or hw == 1 \
+            or dst.stride()[-3:] != (1, src.shape[-1] * c, c) or not compiler_available() or \
+            dst.stride(0) * dst.shape[0] != dst.numel() or src.numel() == 0:
+        dst.copy_(src)
+        return
+    _transpose_library().transpose_f32(src.data_ptr(), dst.data_ptr(), src.numel() // (c * hw), c, hw,
+                                       torch.get_num_threads())
 
 
 def transposed(w: torch.Tensor) -> torch.Tensor:
@@ -117,7 +131,8 @@ def transposed(w: torch.Tensor) -> torch.Tensor:
             not compiler_available():
         return w.t().contiguous()
     out = torch.empty((w.shape[1], w.shape[0]), dtype=w.dtype)
-    _transpose_library().transpose_f32(w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
+    _transpose_library().transpose_f32(w.data_ptr(), out.data_ptr(), 1, w.shape[0], w.shape[1],
+                                       torch.get_num_threads())
     return out
 
 
@@ -291,7 +306,7 @@ def _scan_grads(lib: Any, spec: NeuronSpec, K: int, pool: Optional[int], pool_cf
         if g_out.stride() != stride:
             g = buffers.empty((shape[0] * shape[1],) + shape[2:], dtype, h0.device,
                               channels_last=_channels_last(h0) and not pool_cf).view(shape)
-            g.copy_(g_out)
+            _copy_to_channels_last(g, g_out)
             g_out = g
     g_v_last = None if g_v_last is None else _dense_like(g_v_last, g_step)
     g_x = g_step if broadcast else _steps_like(g_step, K)

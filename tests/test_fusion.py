@@ -489,6 +489,19 @@ def test_tiled_transpose_equals_torch(shape):
     assert torch.equal(cpu.transposed(w.double()), w.double().t())    # other dtypes: torch's
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 32, 8, 8), (2, 5, 33, 7, 9), (4, 16, 3, 3)])
+def test_nchw_gradient_copied_to_channels_last_equals_torch(shape):
+    """A neuron scan's NCHW output gradient (a SEW add / average pool's) copied into its channels-last
+    buffer by the batched tiled transpose, partial tiles included; float64 and odd layouts by torch."""
+    from snncc.runtime import cpu
+    for dtype in (torch.float32, torch.float64):
+        src = torch.randn(*shape, dtype=dtype)
+        flat = (shape[0] * shape[1],) + shape[2:] if len(shape) == 5 else shape
+        dst = torch.empty(flat, dtype=dtype).contiguous(memory_format=torch.channels_last).view(shape)
+        cpu._copy_to_channels_last(dst, src)
+        assert torch.equal(dst, src) and dst.stride() != src.stride()
+
+
 def test_sparse_kernels_see_weight_updates(monkeypatch):
     """The cached weight layout follows in-place updates (optimizer steps): never a stale weight."""
     monkeypatch.setenv("SNNCC_SPARSE", "always")   # the spike-driven kernel itself, not the measured choice
