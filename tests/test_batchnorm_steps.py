@@ -113,6 +113,28 @@ def test_step_statistics_are_eagers_saved_mean_invstd_and_running_stats(dtype, l
         assert used[0] is not None and used[0] == batchnorm._variance_variant(dtype, not planes)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_step_statistics_follow_atens_split_of_the_rows_for_any_thread_count(threads, monkeypatch):
+    """ATen sums the rows of a channels-last step in one chunk per thread (serially with one thread); the
+    C kernel replays the same split for the thread count torch has, and is exact and in use for each."""
+    if not batchnorm.cbuild.compiler_available():
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(batchnorm, "_VERIFIED", {})
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seed in (1, 2):
+            x = _stats_input("channels-last", torch.float32, 3, seed)
+            mean, var, invstd = step_statistics(x, 1e-5)
+            for k in range(3):
+                _, sm, si = torch.native_batch_norm(x[k], None, None, None, None, True, 0.1, 1e-5)
+                assert torch.equal(mean[k], sm) and torch.equal(invstd[k], si), (threads, seed, k)
+    finally:
+        torch.set_num_threads(before)
+    (key, variant), = batchnorm._VERIFIED.items()
+    assert key[-1] == (threads if threads > 1 else 1) and variant is not None
+
+
 def test_step_statistics_stay_on_aten_where_the_c_kernel_disagrees(monkeypatch):
     """A C result that differs from ATen's on a geometry's first call (another torch build) puts that
     geometry on ATen for good: every call's statistics are still eager's."""
