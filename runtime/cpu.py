@@ -110,6 +110,19 @@ def _transpose_library() -> Any:
     return lib
 
 
+def blocked_transposed(w: torch.Tensor, block: int) -> torch.Tensor:
+    """``w`` [Cout, Cin] as [Cout / block][Cin][block]: each block of ``block`` rows transposed, the blocks
+    one after another (the spike-input linear's weights, one contiguous span per output block). float32
+    CPU by the tiled C transpose, other tensors by torch."""
+    cout, cin = w.shape
+    if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or not compiler_available():
+        return w.reshape(cout // block, block, cin).transpose(1, 2).contiguous()
+    out = torch.empty((cout // block, cin, block), dtype=w.dtype)
+    _transpose_library().transpose_f32(w.data_ptr(), out.data_ptr(), cout // block, block, cin,
+                                       torch.get_num_threads())
+    return out
+
+
 def _copy_to_channels_last(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` for a channels-last ``[..., C, H, W]`` ``dst`` and an NCHW-contiguous ``src``:
     float32 by the tiled C transpose, one C x HW plane per image; anything else by torch."""

@@ -917,7 +917,12 @@ def sparse_linear_source(cob: int) -> str:
     the weight rows of r's spikes``, summed in channel order (the spike-list conv's order on 1x1 images).
 
     Output-channel blocks outside, rows inside: while a thread runs its rows for one block of ``cob``
-    outputs, that block's weights (Cin x cob floats, 256 KiB at Cin = 1024) stay in its L2.
+    outputs, that block's weights (Cin x cob floats, 256 KiB at Cin = 1024) stay in its L2. The weights are
+    laid out block by block, [Cout / cob][Cin][cob], so a block is one contiguous span.
+
+    NOTE: with the weights as [Cin][Cout] a block's rows were Cout floats apart (4 KiB at Cout = 1024):
+    every row mapped to the same few cache sets and the block did not stay in L2: 1024 -> 1024, 256 rows
+    at 14% firing, A/B in one process, 2.76 -> 2.19 ms (the same adds in the same order: equal outputs).
 
     NOTE: the spike-list conv run on 1x1 images (what linears used before) took the output blocks
     innermost, so every spike streamed its whole weight row (4 KiB at 1024 outputs) from L3 or memory:
@@ -931,7 +936,8 @@ def sparse_linear_source(cob: int) -> str:
 #define COB """ + str(cob) + r"""
 #define NV (COB / 8)
 typedef float vf __attribute__((vector_size(32)));
-// bits: the input [R, Cin] in memory order, 1 bit per element, Cin % 8 == 0; wt: [Cin][Cout]; out: [R, Cout]
+// bits: the input [R, Cin] in memory order, 1 bit per element, Cin % 8 == 0; wt: [Cout / COB][Cin][COB];
+// out: [R, Cout]
 void slinear_fwd(const uint8_t* bits, const float* wt, const float* bias, float* out,
                  int64_t R, int64_t Cin, int64_t Cout, int nthreads) {
   const int64_t bpp = Cin / 8;
@@ -939,7 +945,7 @@ void slinear_fwd(const uint8_t* bits, const float* wt, const float* bias, float*
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t r0 = R * tid / nt, r1 = R * (tid + 1) / nt;
-    // this thread's rows' spikes, as weight-row offsets ci * Cout, one list after another
+    // this thread's rows' spikes, as offsets ci * COB into a block's weights, one list after another
     int64_t* start = (int64_t*)malloc(sizeof(int64_t) * (size_t)(r1 - r0 + 1));
     int64_t total = 0;
     for (int64_t r = r0; r < r1; ++r) {
@@ -952,11 +958,12 @@ void slinear_fwd(const uint8_t* bits, const float* wt, const float* bias, float*
       int32_t* l = list + start[r - r0];
       int64_t c = 0;
       for (int64_t ci = 0; ci < Cin; ++ci) {          // branch-free: written always, kept if set
-        l[c] = (int32_t)(ci * Cout);
+        l[c] = (int32_t)(ci * COB);
         c += (bits[r * bpp + (ci >> 3)] >> (ci & 7)) & 1;
       }
     }
-    for (int64_t c0 = 0; c0 < Cout; c0 += COB)
+    for (int64_t c0 = 0; c0 < Cout; c0 += COB) {
+      const float* wb = wt + (c0 / COB) * Cin * COB;
       for (int64_t r = r0; r < r1; ++r) {
         vf acc[NV];
         #pragma GCC unroll 8
@@ -966,7 +973,7 @@ void slinear_fwd(const uint8_t* bits, const float* wt, const float* bias, float*
         const int32_t* l = list + start[r - r0];
         const int64_t m = start[r - r0 + 1] - start[r - r0];
         for (int64_t q = 0; q < m; ++q) {
-          const float* wc = wt + l[q] + c0;
+          const float* wc = wb + l[q];
           #pragma GCC unroll 8
           for (int v = 0; v < NV; ++v) { vf w; memcpy(&w, wc + 8 * v, sizeof(vf)); acc[v] += w; }
         }
@@ -974,6 +981,7 @@ void slinear_fwd(const uint8_t* bits, const float* wt, const float* bias, float*
         #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) memcpy(o + 8 * v, &acc[v], sizeof(vf));
       }
+    }
     free(list); free(start);
   }
 }

@@ -239,9 +239,10 @@ def _weight_layout(weight: torch.Tensor, kind: str) -> torch.Tensor:
     if hit is not None and hit[0]() is weight and hit[1] == stamp:
         return hit[2]
     w = weight.detach()
-    if kind == "linear":
+    if kind == "linear":                   # [Cout / block][Cin][block]: runtime/cpu_source.sparse_linear_source
         from . import cpu
-        out = cpu.transposed(w)
+        from .cpu_source import sparse_block
+        out = cpu.blocked_transposed(w, sparse_block(w.shape[0]))
     elif kind == "table":
         out = _pattern_table(w)
     elif kind == "conv_pool":              # [Cout][KH][KW][Cin]: runtime/conv_pool.py's kernels
@@ -301,7 +302,7 @@ def _sparse_linear(bits: torch.Tensor, shape: Tuple[int, ...], weight: torch.Ten
     rows = 1
     for d in shape[:-1]:
         rows *= d
-    wt = _weight_layout(weight, "linear")                           # [Cin][Cout]
+    wt = _weight_layout(weight, "linear")                           # [Cout / block][Cin][block]
     b = None if bias is None else bias.detach().contiguous()
     out = buffers.empty((*shape[:-1], fout), weight.dtype, weight.device, own=True)   # rows x fout, no view
     cpu.sparse_linear_library(fout).slinear_fwd(bits.data_ptr(), wt.data_ptr(), None if b is None else b.data_ptr(),

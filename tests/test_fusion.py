@@ -487,6 +487,11 @@ def test_tiled_transpose_equals_torch(shape):
     w = torch.randn(*shape)
     assert torch.equal(cpu.transposed(w), w.t().contiguous())
     assert torch.equal(cpu.transposed(w.double()), w.double().t())    # other dtypes: torch's
+    for block in (8, 16):                     # the spike-input linear's [Cout / block][Cin][block] weights
+        if shape[0] % block == 0:
+            want = w.reshape(shape[0] // block, block, shape[1]).transpose(1, 2)
+            assert torch.equal(cpu.blocked_transposed(w, block), want)
+            assert torch.equal(cpu.blocked_transposed(w.double(), block), want.double())
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 32, 8, 8), (2, 5, 33, 7, 9), (4, 16, 3, 3)])
