@@ -137,18 +137,6 @@ def _copy_to_channels_last(dst: torch.Tensor, src: torch.Tensor) -> None:
                                        torch.get_num_threads())
 
 
-def transposed(w: torch.Tensor) -> torch.Tensor:
-    """``w.t().contiguous()`` of a 2-d float32 CPU tensor, by the tiled C transpose (``transpose_source``);
-    other tensors by torch."""
-    if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or \
-            not compiler_available():
-        return w.t().contiguous()
-    out = torch.empty((w.shape[1], w.shape[0]), dtype=w.dtype)
-    _transpose_library().transpose_f32(w.data_ptr(), out.data_ptr(), 1, w.shape[0], w.shape[1],
-                                       torch.get_num_threads())
-    return out
-
-
 @functools.lru_cache(maxsize=None)
 def bits_library(dtype: torch.dtype) -> Any:
     """The compiled pack/unpack functions for ``dtype`` (float32/float64)."""
@@ -430,8 +418,8 @@ class _CBNScan(torch.autograd.Function):
 
     Step mode's BatchNorm: step t normalized with its own batch statistics. Forward computes the K steps'
     statistics (eager's values bit for bit, ``batchnorm.step_statistics``, which also updates ``bn``'s
-    running statistics K times), then the scan kernel applies each step's ``x * alpha + beta`` to its input as it reads it, so
-    the normalized tensor never exists. Kept for backward: the input (BatchNorm's backward needs it, as in
+    running statistics K times), then the scan kernel applies each step's ``x * alpha + beta`` to its input
+    as it reads it, so the normalized tensor never exists. Kept for backward: the input (BatchNorm's backward needs it, as in
     eager), the per-step mean and inverse std, H and the spike bits. Backward: the scan kernel gives the
     gradient of the normalized input, then eager's BatchNorm backward per step (``batchnorm.step_backward``).
     """

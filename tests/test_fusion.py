@@ -483,11 +483,13 @@ def test_sparse_linear_weight_gradient_from_the_bits(density, fin, fout, rows, m
 
 @pytest.mark.parametrize("shape", [(1024, 1024), (10, 1024), (1024, 784), (37, 53), (1, 1)])
 def test_tiled_transpose_equals_torch(shape):
+    """The batched tiled transpose: one block (a plain transpose) and the spike-input linear's
+    [Cout / block][Cin][block] weights; other dtypes by torch."""
     from snncc.runtime import cpu
     w = torch.randn(*shape)
-    assert torch.equal(cpu.transposed(w), w.t().contiguous())
-    assert torch.equal(cpu.transposed(w.double()), w.double().t())    # other dtypes: torch's
-    for block in (8, 16):                     # the spike-input linear's [Cout / block][Cin][block] weights
+    assert torch.equal(cpu.blocked_transposed(w, shape[0])[0], w.t())
+    assert torch.equal(cpu.blocked_transposed(w.double(), shape[0])[0], w.double().t())
+    for block in (8, 16):
         if shape[0] % block == 0:
             want = w.reshape(shape[0] // block, block, shape[1]).transpose(1, 2)
             assert torch.equal(cpu.blocked_transposed(w, block), want)
