@@ -14,7 +14,7 @@ setup(
                  "snncc.tools": "tools"},
     install_requires=["torch>=2.1", "networkx>=3.0", "numpy", "tqdm", "rich>=12"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.2", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "scikit-learn>=1.2", "matplotlib>=3.5"],
         "demo": ["scikit-learn>=1.2", "matplotlib>=3.5"],
         "cuda12": ["cupy-cuda12x>=13"],
         "cuda13": ["cupy-cuda13x>=13"],
