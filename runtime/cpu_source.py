@@ -763,8 +763,7 @@ void bn_stats(const T* x, int64_t K, int bcast, int64_t sk, int64_t N, int64_t C
         }}
     }}
   }} else {{
-    // (x - mean)^2 rounded to T, added in double
-    #define SQ_ADD(d, acc) ((acc) + (double)(T)((d) * (d)))
+    // variance: (x - mean)^2 rounded to T, added in double
     #pragma omp parallel for schedule(static) collapse(2) num_threads(nthreads)
     for (int64_t k = 0; k < Ks; ++k)
       for (int64_t c0 = 0; c0 < C; c0 += 8) {{     // 8 channels' serial sums side by side (independent chains)
@@ -786,10 +785,10 @@ void bn_stats(const T* x, int64_t K, int bcast, int64_t sk, int64_t N, int64_t C
           const T* xp = x + k * sk + n * C * S + c0 * S;
           if (nc == 8) {{
             for (int64_t i = 0; i < S; ++i)
-              for (int j = 0; j < 8; ++j) {{ const T d = xp[j * S + i] - m[j]; v[j] = SQ_ADD(d, v[j]); }}
+              for (int j = 0; j < 8; ++j) {{ const T d = xp[j * S + i] - m[j]; v[j] += (T)(d * d); }}
           }} else {{
             for (int64_t j = 0; j < nc; ++j)
-              for (int64_t i = 0; i < S; ++i) {{ const T d = xp[j * S + i] - m[j]; v[j] = SQ_ADD(d, v[j]); }}
+              for (int64_t i = 0; i < S; ++i) {{ const T d = xp[j * S + i] - m[j]; v[j] += (T)(d * d); }}
           }}
         }}
         for (int64_t j = 0; j < nc; ++j) {{ mean[k * C + c0 + j] = m[j]; var[k * C + c0 + j] = (T)v[j]; }}
